@@ -1,0 +1,368 @@
+"""Experiment configuration: one YAML per experiment, validated into dataclasses.
+
+Every error names the file and the dotted key and says what was expected, in one line, so a typo
+in a 64-GPU job fails in the first second instead of after the model has loaded. The DeepSpeed
+JSON stays a plain DeepSpeed file: its `"auto"` fields are filled from the YAML, and a concrete
+value that disagrees with the YAML is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user in one line."""
+
+
+@dataclass
+class FromConfig:
+    """A model built from an architecture config (tests, the synthetic demo)."""
+
+    arch: Literal["llama", "qwen2", "qwen3", "mistral", "gpt2"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 64
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain the from-config model once on a broad task mixture; the result is cached by hash."""
+
+    steps: int = 1500
+    lr: float = 2e-3
+    micro_batch_size: int = 32
+    cache_dir: str = ".cache/agcl_ds/bases"
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local Hugging Face folder (never downloaded)
+    gguf_file: str | None = None  # a GGUF file inside `path`, converted on load
+    from_config: FromConfig | None = None
+    tokenizer: Literal["auto", "byte"] = "auto"  # auto: the folder's tokenizer, byte: built-in
+    trust_remote_code: bool = False
+    pretrain: PretrainConfig | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    base_tasks: list[str] = field(default_factory=lambda: ["rev", "inc", "rot2", "comp"])
+    n_digits: int = 8
+    n_train: int = 2000
+    n_test: int = 200
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "cl_benchmark", "trace", "jsonl"] = "synthetic"
+    path: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["dec", "revinc", "rot2comp", "swap"])
+    max_train: int | None = None  # per task; None keeps everything
+    max_test: int | None = None
+    max_seq_len: int = 256
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "seq"
+    options: dict[str, Any] = field(default_factory=dict)  # validated by the method's own dataclass
+
+
+@dataclass
+class TrainingConfig:
+    steps_per_task: int = 200
+    micro_batch_size: int = 16
+    gradient_accumulation: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = 0.0
+
+
+@dataclass
+class EvaluationConfig:
+    mode: Literal["generate", "likelihood"] = "generate"
+    batch_size: int = 64
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    progress: bool = True
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "agcl_ds"
+    tensorboard: bool = False
+    every: int = 10
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def run_dir(self) -> str:
+        """Each method writes beside the others: <output.dir>/<method>."""
+        return os.path.join(self.output.dir, self.method.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` pairs; values are read as YAML scalars (numbers, true/false, lists)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate one experiment YAML."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    try:
+        cfg = from_dict(ExperimentConfig, raw, "config")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _check(cfg, path)
+    return cfg
+
+
+def _check(cfg: ExperimentConfig, path: str) -> None:
+    """Cross-field rules that types alone cannot express."""
+    m = cfg.model
+    if (m.path is None) == (m.from_config is None):
+        raise ConfigError(f"{path}: model: set exactly one of model.path or model.from_config")
+    if m.gguf_file and not m.path:
+        raise ConfigError(f"{path}: model.gguf_file needs model.path (the folder holding it)")
+    if m.pretrain is not None and m.from_config is None:
+        raise ConfigError(f"{path}: model.pretrain applies to model.from_config models only")
+    if m.pretrain is not None and cfg.data.source != "synthetic":
+        raise ConfigError(f"{path}: model.pretrain uses the synthetic base mixture; data.source must be synthetic")
+    if m.from_config is not None and m.tokenizer == "auto":
+        m.tokenizer = "byte"
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"{path}: data.path is required for data.source={cfg.data.source}")
+    if not cfg.data.tasks:
+        raise ConfigError(f"{path}: data.tasks: expected at least one task")
+    if len(set(cfg.data.tasks)) != len(cfg.data.tasks):
+        raise ConfigError(f"{path}: data.tasks: a task is listed twice")
+    t = cfg.training
+    for key in ("steps_per_task", "micro_batch_size", "gradient_accumulation"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{path}: training.{key}: expected an integer >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"{path}: training.lr: expected a positive number")
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def _fill(node: dict, key: str, value: Any, where: str, src: str) -> None:
+    """Fill an "auto" (or absent) field; a concrete value must agree with the YAML."""
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif current != value:
+        raise ConfigError(f"{where}.{key} = {current!r} conflicts with {src} = {value!r} in the YAML "
+                          f"(set it to \"auto\" or make them agree)")
+
+
+def resolve_ds_config(ds: dict[str, Any], cfg: ExperimentConfig, world_size: int,
+                      path: str = "ds_config") -> dict[str, Any]:
+    """The DeepSpeed config this run uses: "auto" fields filled from the YAML, conflicts refused."""
+    ds = copy.deepcopy(ds)
+    t = cfg.training
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, path, "training.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", t.gradient_accumulation, path, "training.gradient_accumulation")
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.gradient_accumulation * world_size, path,
+          "training.micro_batch_size x gradient_accumulation x world size")
+    _fill(ds, "gradient_clipping", t.gradient_clipping, path, "training.gradient_clipping")
+    for prec, key in (("bf16", "bf16"), ("fp16", "fp16")):
+        section = ds.setdefault(key, {})
+        _fill(section, "enabled", t.precision == prec, f"{path}.{key}", "training.precision")
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}.scheduler: not supported; the per-task schedule comes from "
+                          f"training.lr_schedule and training.warmup_steps")
+    opt = ds.get("optimizer")
+    if opt is None:
+        raise ConfigError(f"{path}.optimizer: expected an optimizer section (e.g. AdamW with \"lr\": \"auto\")")
+    params = opt.setdefault("params", {})
+    _fill(params, "lr", t.lr, f"{path}.optimizer.params", "training.lr")
+    _fill(params, "weight_decay", t.weight_decay, f"{path}.optimizer.params", "training.weight_decay")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"{path}: {leftover} is \"auto\" but nothing in the YAML decides it")
+    return ds
+
+
+def _find_auto(node: Any, where: str = "") -> str | None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            hit = _find_auto(v, f"{where}.{k}" if where else k)
+            if hit:
+                return hit
+    elif node == "auto":
+        return where
+    return None

@@ -1,0 +1,193 @@
+"""Tasks and their loaders: the data stage of the pipeline.
+
+A task is a name, train and test examples (prompt → answer text) and how it is scored. Loaders read
+the layouts users already have on disk; every problem with a file is reported with the file, the
+item and the field, in one line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DataError(ValueError):
+    """A problem with a data file, phrased for the user in one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    options: list[str] | None = None  # closed label set (likelihood scoring), or None (open answers)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+
+
+def _read_jsonl(path: str) -> list[Any]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: malformed JSON at line {lineno}: {e.msg}") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    return rows
+
+
+def _field(item: Any, key: str, path: str, index: int) -> str:
+    if not isinstance(item, dict):
+        raise DataError(f"{path}: item {index}: expected an object, got {type(item).__name__}")
+    if key not in item:
+        raise DataError(f"{path}: item {index}: missing field '{key}'")
+    value = item[key]
+    if not isinstance(value, str):
+        raise DataError(f"{path}: item {index}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _pairs(rows: Any, path: str, prompt_key: str, answer_key: str) -> list[tuple[str, str]]:
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    if not rows:
+        raise DataError(f"{path}: no examples (empty task)")
+    return [(_field(r, prompt_key, path, i), _field(r, answer_key, path, i)) for i, r in enumerate(rows)]
+
+
+def _cap(examples: list[Example], limit: int | None) -> list[Example]:
+    return examples if limit is None else examples[:limit]
+
+
+# --------------------------------------------------------------------------- Standard-CL layout
+
+
+def _find_cl_task(root: str, name: str) -> str:
+    """`agnews` or `TC/agnews` → the folder `<root>/<TYPE>/<TASK>`."""
+    if "/" in name:
+        folder = os.path.join(root, name)
+        if os.path.isdir(folder):
+            return folder
+    else:
+        hits = sorted(glob.glob(os.path.join(root, "*", name)))
+        if len(hits) == 1 and os.path.isdir(hits[0]):
+            return hits[0]
+        if len(hits) > 1:
+            raise DataError(f"{root}: task '{name}' is ambiguous ({', '.join(hits)}); write TYPE/{name}")
+    known = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "*", "*")) if os.path.isdir(p))
+    raise DataError(f"{root}: no task '{name}' (found: {', '.join(known) or 'none'})")
+
+
+def load_cl_benchmark(root: str, name: str, max_train: int | None = None,
+                      max_test: int | None = None) -> Task:
+    """`<root>/<TYPE>/<TASK>/{train,test}.json` of {"sentence","label"}, `labels.json`, and one
+    instruction per TYPE in `<root>/instruction_config.json` (the O-LoRA / Standard-CL layout)."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data folder not found")
+    folder = _find_cl_task(root, name)
+    task_type = os.path.basename(os.path.dirname(folder))
+    cfg_path = os.path.join(root, "instruction_config.json")
+    instructions = _read_json(cfg_path)
+    if not isinstance(instructions, dict) or task_type not in instructions:
+        raise DataError(f"{cfg_path}: no instruction for task type '{task_type}'")
+    entry = instructions[task_type]
+    entry = entry[0] if isinstance(entry, list) and entry else entry
+    if not isinstance(entry, dict) or not isinstance(entry.get("instruction"), str):
+        raise DataError(f"{cfg_path}: {task_type}: expected [{{\"instruction\": \"...\"}}]")
+    instruction = entry["instruction"]
+    labels_path = os.path.join(folder, "labels.json")
+    labels = _read_json(labels_path)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{labels_path}: expected a non-empty JSON list of label strings")
+    header = f"{instruction}Option: {', '.join(labels)}\n"
+
+    def split(kind: str, limit: int | None) -> list[Example]:
+        path = os.path.join(folder, f"{kind}.json")
+        pairs = _pairs(_read_json(path), path, "sentence", "label")
+        out = []
+        for i, (sentence, label) in enumerate(pairs[: limit if limit is not None else len(pairs)]):
+            if label not in labels:
+                raise DataError(f"{path}: item {i}: label {label!r} is not in {labels_path}")
+            out.append(Example(f"{header}{sentence.strip()}\nAnswer:", f" {label}"))
+        return out
+
+    return Task(name=os.path.basename(folder), train=split("train", max_train), test=split("test", max_test),
+                options=[f" {x}" for x in labels], meta={"type": task_type})
+
+
+# --------------------------------------------------------------------------- TRACE and JSONL
+
+
+def load_trace(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
+    """TRACE layout: `<root>/<TASK>/{train,eval,test}.json` of {"prompt","answer"}; eval is unused."""
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: TRACE task folder not found")
+
+    def split(kind: str, limit: int | None) -> list[Example]:
+        path = os.path.join(folder, f"{kind}.json")
+        return _cap([Example(p, a) for p, a in _pairs(_read_json(path), path, "prompt", "answer")], limit)
+
+    return Task(name=name, train=split("train", max_train), test=split("test", max_test))
+
+
+def load_jsonl(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
+    """Generic JSONL: `<root>/<TASK>/{train,test}.jsonl`, one {"prompt","answer"} per line; an
+    optional `<root>/<TASK>/options.json` lists the closed answer set for likelihood scoring."""
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: JSONL task folder not found")
+
+    def split(kind: str, limit: int | None) -> list[Example]:
+        path = os.path.join(folder, f"{kind}.jsonl")
+        return _cap([Example(p, a) for p, a in _pairs(_read_jsonl(path), path, "prompt", "answer")], limit)
+
+    options = None
+    opt_path = os.path.join(folder, "options.json")
+    if os.path.exists(opt_path):
+        options = _read_json(opt_path)
+        if not isinstance(options, list) or not all(isinstance(x, str) for x in options):
+            raise DataError(f"{opt_path}: expected a JSON list of answer strings")
+    task = Task(name=name, train=split("train", max_train), test=split("test", max_test), options=options)
+    if options is not None:
+        for i, ex in enumerate(task.train + task.test):
+            if ex.answer not in options:
+                raise DataError(f"{folder}: example {i}: answer {ex.answer!r} is not in {opt_path}")
+    return task
+
+
+def load_tasks(cfg) -> list[Task]:
+    """The configured task sequence, in order (cfg: agcl_ds.config.ExperimentConfig)."""
+    from agcl_ds.data import synthetic
+
+    d = cfg.data
+    if d.source == "synthetic":
+        tasks = synthetic.make_tasks(d.tasks, d.synthetic)
+        return [Task(t.name, _cap(t.train, d.max_train), _cap(t.test, d.max_test), t.options, t.meta)
+                for t in tasks]
+    loader = {"cl_benchmark": load_cl_benchmark, "trace": load_trace, "jsonl": load_jsonl}[d.source]
+    return [loader(d.path, name, d.max_train, d.max_test) for name in d.tasks]

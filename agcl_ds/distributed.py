@@ -1,0 +1,89 @@
+"""Process-group set-up and the few collective helpers every stage shares.
+
+One code path serves a 2-rank CPU test (gloo) and a multi-node GPU job (NCCL): the backend follows
+DeepSpeed's accelerator, and a single process without launcher variables still gets a 1-rank group,
+so every stage can call collectives unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 1800) -> None:
+    """Join (or create) the default process group through DeepSpeed.
+
+    On the CPU accelerator DeepSpeed would JIT-compile its shared-memory all-reduce op on first
+    use (25-100 s, needs g++); that op serves inference only, so it is switched off here.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a 1-rank group
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    accel = deepspeed.get_accelerator()
+    if accel.device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = "gloo"
+    else:
+        backend = accel.communication_backend_name()
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    """The device this rank computes on (cpu, or cuda:LOCAL_RANK)."""
+    import deepspeed
+
+    accel = deepspeed.get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a short list of numbers over ranks (counts, losses) in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (in-memory only, never from disk)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

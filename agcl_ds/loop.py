@@ -1,0 +1,218 @@
+"""The continual loop: one DeepSpeed engine trained on task after task, evaluated on all of them.
+
+    config → tasks → model/engine → for each task: train (method hooks) → evaluate every task
+    → method.after_task → ... → metrics → results.json, matrix.png
+
+The data order is a pure function of (seed, task, step), so any rank can rebuild exactly the
+batch it would have seen at any step: the basis for resuming mid-task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from agcl_ds import distributed as D
+from agcl_ds.config import ExperimentConfig
+from agcl_ds.data.collate import Tokenizer, collate
+from agcl_ds.data.tasks import Example, Task, load_tasks
+from agcl_ds.evaluation import Evaluator
+from agcl_ds.methods import build_method
+from agcl_ds.methods.base import Method
+from agcl_ds.metrics import summary
+from agcl_ds.models import LoadedModel, load_model, save_consolidated
+from agcl_ds.report import heatmap, matrix_table, write_json
+from agcl_ds.runlog import RunLog
+
+
+@dataclass
+class RunContext:
+    """What a method may use: never the engine's internals, only its public calls."""
+
+    cfg: ExperimentConfig
+    engine: Any
+    tokenizer: Tokenizer
+    tasks: list[Task]
+    run_dir: str
+    log: RunLog
+    evaluator: Evaluator
+
+
+class BatchOrder:
+    """Which train examples each rank sees at each step of a task.
+
+    Sample position s = ((step * accumulation + micro) * world + rank) * micro_batch + i walks
+    through a fresh seeded permutation of the task's examples every epoch.
+    """
+
+    def __init__(self, n: int, seed: int, task_index: int) -> None:
+        self.n, self.seed, self.task_index = n, seed, task_index
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(self.n))
+            random.Random(f"{self.seed}:{self.task_index}:{epoch}").shuffle(order)
+            self._perms = {epoch: order}  # one epoch alive at a time
+        return self._perms[epoch]
+
+    def indices(self, step: int, micro: int, accumulation: int, rank: int, world: int, mbs: int) -> list[int]:
+        first = ((step * accumulation + micro) * world + rank) * mbs
+        return [self._perm(s // self.n)[s % self.n] for s in range(first, first + mbs)]
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
+    """Per-task schedule: linear warm-up, then constant or cosine to zero."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+def build_engine(loaded: LoadedModel, ds_config: dict[str, Any]):
+    import deepspeed
+
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=loaded.model, model_parameters=params, config=ds_config)
+    engine.agcl_zero3_handle = loaded.zero3_handle  # keep HfDeepSpeedConfig alive with the engine
+    return engine
+
+
+def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    dev = D.device()
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def train_task(engine, tok: Tokenizer, examples: list[Example], task_index: int, *, steps: int, lr: float,
+               cfg: ExperimentConfig, log: RunLog, desc: str, method: Method | None = None,
+               ctx: RunContext | None = None, micro_batch: int | None = None) -> list[float]:
+    """Train `steps` optimizer steps on `examples`; return the rank-averaged loss of each step."""
+    t = cfg.training
+    mbs = micro_batch or t.micro_batch_size
+    rank, world = D.rank(), D.world_size()
+    order = BatchOrder(len(examples), cfg.seed, task_index)
+    engine.train()
+    log.progress(steps, desc)
+    losses: list[float] = []
+    window: list[float] = []
+    for step in range(steps):
+        step_lr = lr_at(step, steps, lr, t.warmup_steps, t.lr_schedule)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = step_lr
+        step_loss = 0.0
+        for micro in range(t.gradient_accumulation):
+            idx = order.indices(step, micro, t.gradient_accumulation, rank, world, mbs)
+            batch = _to_device(collate(tok, [examples[i] for i in idx], cfg.data.max_seq_len))
+            out = engine(**batch)
+            loss = out.loss
+            if method is not None:
+                extra = method.loss_term(ctx, batch, out)
+                if extra is not None:
+                    loss = loss + extra
+            engine.backward(loss)
+            if method is not None and engine.is_gradient_accumulation_boundary():
+                method.before_step(ctx)
+            engine.step()
+            step_loss += loss.detach().float().item() / t.gradient_accumulation
+        window.append(step_loss)
+        if len(window) == cfg.logging.every or step == steps - 1:
+            mean = D.all_sum([sum(window)])[0] / (len(window) * world)
+            losses.extend([mean] * len(window))
+            log.event("train", task=desc, step=step + 1, loss=round(mean, 6), lr=step_lr)
+            log.scalars(engine.global_steps, loss=mean, lr=step_lr)
+            window = []
+        log.advance(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}")
+    log.close_progress()
+    return losses
+
+
+def _base_cache_key(cfg: ExperimentConfig) -> str:
+    pre = asdict(cfg.model.pretrain)
+    pre.pop("cache_dir")
+    key = {"model": asdict(cfg.model.from_config), "tokenizer": cfg.model.tokenizer, "pretrain": pre,
+           "synthetic": asdict(cfg.data.synthetic), "max_seq_len": cfg.data.max_seq_len, "seed": cfg.seed,
+           "precision": cfg.training.precision}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_pretrained_base(cfg: ExperimentConfig, ds_config: dict[str, Any], log: RunLog) -> str:
+    """Pretrain the from-config model on the synthetic base mixture once; return the cached folder.
+
+    Continual tasks then fine-tune a model that already holds broad knowledge (the regime the
+    method targets); a model trained from scratch simply overwrites itself task after task.
+    """
+    from agcl_ds.data.synthetic import make_mixture
+
+    pre = cfg.model.pretrain
+    folder = os.path.join(pre.cache_dir, f"base-{_base_cache_key(cfg)}")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        log.print(f"pretrained base: cached at {folder}")
+        return folder
+    mixture = make_mixture(cfg.data.synthetic)
+    loaded = load_model(cfg, ds_config)
+    engine = build_engine(loaded, ds_config)
+    log.print(f"pretraining the base on {len(mixture.train)} mixture examples for {pre.steps} steps "
+              f"(cached afterwards in {folder})")
+    train_task(engine, loaded.tokenizer, mixture.train, -1, steps=pre.steps, lr=pre.lr, cfg=cfg, log=log,
+               desc="pretrain base", micro_batch=pre.micro_batch_size)
+    evaluator = Evaluator(engine, loaded.tokenizer, cfg.data.max_seq_len, cfg.evaluation.batch_size, "generate")
+    acc = evaluator.evaluate(mixture)
+    log.print(f"pretrained base: exact match {acc:.3f} on the held-out base mixture")
+    log.event("pretrain", accuracy=acc, steps=pre.steps)
+    save_consolidated(engine, folder)
+    engine.destroy()
+    return folder
+
+
+def run(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """Train the configured task sequence with the configured method; return results (all ranks)."""
+    run_dir = cfg.run_dir()
+    tasks = load_tasks(cfg)
+    method = build_method(cfg.method)
+    torch.manual_seed(cfg.seed)
+    log = RunLog(run_dir, cfg)
+    log.event("start", config=cfg.to_dict(), world_size=D.world_size(),
+              zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0))
+    base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain else None
+    loaded = load_model(cfg, ds_config, path_override=base_dir)
+    engine = build_engine(loaded, ds_config)
+    tok = loaded.tokenizer
+    evaluator = Evaluator(engine, tok, cfg.data.max_seq_len, cfg.evaluation.batch_size, cfg.evaluation.mode)
+    ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator)
+    method.setup(ctx)
+    started = time.time()
+    base = evaluator.evaluate_all(tasks)
+    log.event("eval", after="base", accuracies=base)
+    matrix: list[list[float]] = []
+    for i, task in enumerate(tasks):
+        method.before_task(ctx, i, task)
+        train_task(engine, tok, task.train, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr, cfg=cfg,
+                   log=log, desc=f"[{cfg.method.name}] task {i + 1}/{len(tasks)} {task.name}", method=method,
+                   ctx=ctx)
+        row = evaluator.evaluate_all(tasks)
+        matrix.append(row)
+        log.event("eval", after=task.name, accuracies=row)
+        log.print(f"after {task.name}: " + "  ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, row, strict=True)))
+        method.after_task(ctx, i, task)
+    names = [t.name for t in tasks]
+    results = {"tasks": names, "matrix": matrix, "base": base, **summary(matrix, base),
+               "method": cfg.method.name, "config": cfg.to_dict(), "world_size": D.world_size(),
+               "seconds": round(time.time() - started, 1)}
+    if D.is_main():
+        write_json(os.path.join(run_dir, "results.json"), results)
+        heatmap(results, os.path.join(run_dir, "matrix.png"))
+    log.print(matrix_table(results))
+    log.event("done", OP=results["OP"], BWT=results["BWT"], FWT=results["FWT"])
+    log.close()
+    D.barrier()
+    return results

@@ -1,0 +1,61 @@
+"""The method plug-in lifecycle.
+
+A continual-learning method is one file with one subclass of `Method`. The loop calls, for each
+task in order:
+
+    before_task(ctx, index, task)
+      for every micro-batch:   loss = model loss + loss_term(ctx, batch, outputs)
+      at every accumulation boundary, after backward, before the optimizer step:
+                               before_step(ctx)          # gradients are partitioned here
+    after_task(ctx, index, task)
+
+A method never reaches into the engine's internals: it gets these calls, returns loss terms, and
+may install a gate (agcl_ds.gate) on the engine it is handed. `state_dict` holds everything it
+needs to resume (the checkpoint contract saves it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from agcl_ds.data.tasks import Task
+    from agcl_ds.loop import RunContext
+
+
+@dataclass
+class NoOptions:
+    """Methods without options accept an empty `method.options`."""
+
+
+class Method:
+    name = "base"
+    Options: type = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def setup(self, ctx: RunContext) -> None:
+        """Once, after the engine exists and before the first task."""
+
+    def before_task(self, ctx: RunContext, index: int, task: Task) -> None:
+        """Before training task `index`."""
+
+    def loss_term(self, ctx: RunContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        """An extra term added to the model's loss for this micro-batch (e.g. a penalty)."""
+        return None
+
+    def before_step(self, ctx: RunContext) -> None:
+        """At the accumulation boundary, after backward and before the optimizer step."""
+
+    def after_task(self, ctx: RunContext, index: int, task: Task) -> None:
+        """After task `index` was trained and every task evaluated."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""

@@ -1,0 +1,186 @@
+"""The model stage: tokenizer and causal LM from a local folder, a GGUF file, or a config.
+
+Nothing is ever downloaded. Under ZeRO-3 the model is partitioned from construction through
+`HfDeepSpeedConfig` (kept alive by the returned handle), which also keeps Hugging Face's own
+weight init; a 70B model therefore never exists whole in one rank's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agcl_ds.data.collate import ByteTokenizer, HFTokenizer, Tokenizer
+from agcl_ds.distributed import barrier, is_main
+
+
+class ModelError(ValueError):
+    """A problem with the configured model, phrased for the user in one line."""
+
+
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "mistral": "MistralConfig",
+    "gpt2": "GPT2Config",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    zero3_handle: Any  # HfDeepSpeedConfig: must outlive the model under ZeRO-3
+
+
+def _check_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelError(f"model.path: folder {path!r} not found (models are loaded from local folders only)")
+
+
+def check_source(cfg) -> None:
+    """Fail fast (before any rank starts) when the configured model files are not there."""
+    if cfg.path is None:
+        return
+    _check_folder(cfg.path)
+    if cfg.gguf_file:
+        if not os.path.isfile(os.path.join(cfg.path, cfg.gguf_file)):
+            raise ModelError(f"model.gguf_file: {os.path.join(cfg.path, cfg.gguf_file)!r} not found")
+    elif not os.path.isfile(os.path.join(cfg.path, "config.json")):
+        raise ModelError(f"model.path: {cfg.path!r} has no config.json (not a Hugging Face model folder)")
+
+
+def build_tokenizer(cfg) -> Tokenizer:
+    """cfg: agcl_ds.config.ModelConfig."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    _check_folder(cfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path, gguf_file=cfg.gguf_file, local_files_only=True,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path: no usable tokenizer in {cfg.path!r} ({str(e).splitlines()[0]})") from None
+    return HFTokenizer(tok)
+
+
+def config_from(fc, tok: Tokenizer):
+    """A transformers config for `model.from_config` (fc: agcl_ds.config.FromConfig)."""
+    import transformers
+
+    cls = getattr(transformers, _CONFIG_CLASSES[fc.arch])
+    ids = {"pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id, "bos_token_id": getattr(tok, "bos_id", None)}
+    if fc.arch == "gpt2":
+        return cls(vocab_size=tok.vocab_size, n_embd=fc.hidden_size, n_layer=fc.num_layers, n_head=fc.num_heads,
+                   n_inner=fc.intermediate_size, n_positions=fc.max_position_embeddings,
+                   tie_word_embeddings=False, use_cache=False, **ids)
+    extra = {"head_dim": fc.hidden_size // fc.num_heads} if fc.arch == "qwen3" else {}
+    return cls(vocab_size=tok.vocab_size, hidden_size=fc.hidden_size, intermediate_size=fc.intermediate_size,
+               num_hidden_layers=fc.num_layers, num_attention_heads=fc.num_heads,
+               num_key_value_heads=fc.num_kv_heads, max_position_embeddings=fc.max_position_embeddings,
+               tie_word_embeddings=False, use_cache=False, **ids, **extra)
+
+
+def gguf_to_folder(path: str, gguf_file: str, cache_dir: str) -> str:
+    """Convert a GGUF checkpoint once into a cached Hugging Face folder; return that folder."""
+    src = os.path.join(path, gguf_file)
+    if not os.path.isfile(src):
+        raise ModelError(f"model.gguf_file: {src!r} not found")
+    st = os.stat(src)
+    key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir, f"gguf-{key}")
+    if is_main() and not os.path.isfile(os.path.join(out, "config.json")):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
+                                                     dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None) -> LoadedModel:
+    """Build the configured model for the given (resolved) DeepSpeed config.
+
+    cfg: agcl_ds.config.ExperimentConfig. `path_override` points at a cached pretrained base
+    (the synthetic regime) that replaces `model.from_config`.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    m = cfg.model
+    # zero.Init patches tensor construction; torch._dynamo imported lazily inside it breaks
+    # (DeepSpeed notes, pitfall 2), so import it before any model class is touched.
+    importlib.import_module("torch._dynamo")
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    handle = HfDeepSpeedConfig(ds_config) if zero3 else None
+    dtype = torch.float32  # master weights; DeepSpeed casts to bf16/fp16 itself
+    path = path_override or m.path
+    tok = build_tokenizer(m)
+    if path is None:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config_from(m.from_config, tok), dtype=dtype)
+    else:
+        if m.gguf_file and path_override is None:
+            path = gguf_to_folder(m.path, m.gguf_file, os.path.join(".cache", "agcl_ds", "models"))
+        _check_folder(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"model.path: {path!r} has no config.json (not a Hugging Face model folder)")
+        with open(os.path.join(path, "config.json")) as f:
+            arch = json.load(f).get("architectures") or ["?"]
+        if not hasattr(transformers, arch[0]) and not m.trust_remote_code:
+            raise ModelError(f"model.path: architecture {arch[0]!r} is not in transformers; "
+                             f"set model.trust_remote_code: true only if you trust {path!r}")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=m.trust_remote_code)
+    model.config.use_cache = False
+    if tok.vocab_size > model.config.vocab_size:
+        raise ModelError(f"model: tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    return LoadedModel(model=model, tokenizer=tok, zero3_handle=handle)
+
+
+def save_consolidated(engine, out_dir: str) -> None:
+    """Write the engine's full model as a Hugging Face folder (config + model.safetensors).
+
+    Gathers one parameter at a time under ZeRO-3, so no rank ever holds more than the largest
+    tensor on top of its shard; only rank 0 writes, to a temporary folder renamed at the end.
+    """
+    import deepspeed
+    from safetensors.torch import save_file
+
+    module = engine.module
+    state: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=hasattr(p, "ds_id")):
+            if is_main():
+                state[name] = p.detach().to("cpu", copy=True).contiguous()
+    for name, b in module.named_buffers():
+        if is_main() and b is not None and name in module.state_dict():
+            state[name] = b.detach().to("cpu", copy=True).contiguous()
+    if is_main():
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        module.config.architectures = [type(module).__name__]
+        module.config.save_pretrained(tmp)
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    barrier()

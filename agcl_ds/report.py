@@ -1,0 +1,93 @@
+"""Tables and plots from results: the last stage of the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def _fmt(x: float | None) -> str:
+    return "  n/a" if x is None else f"{x:+.3f}" if x < 0 else f"{x:.3f}"
+
+
+def matrix_table(results: dict[str, Any]) -> str:
+    """The accuracy matrix as text: rows = after training task i, columns = evaluated on task j."""
+    tasks = results["tasks"]
+    width = max(8, *(len(t) for t in tasks)) + 1
+    corner = "after \\ on"
+    head = f"{corner:<{width}}" + "".join(f"{t:>{width}}" for t in tasks)
+    lines = [f"method: {results['method']}", head,
+             f"{'(base)':<{width}}" + "".join(f"{x:>{width}.3f}" for x in results["base"])]
+    for name, row in zip(tasks, results["matrix"], strict=True):
+        lines.append(f"{name:<{width}}" + "".join(f"{x:>{width}.3f}" for x in row))
+    lines.append(f"OP {_fmt(results['OP'])}   BWT {_fmt(results['BWT'])}   FWT {_fmt(results['FWT'])}")
+    return "\n".join(lines)
+
+
+def side_by_side(all_results: list[dict[str, Any]]) -> str:
+    """Several methods' matrices next to each other, then one summary line per method."""
+    blocks = [matrix_table(r).splitlines() for r in all_results]
+    widths = [max(len(line) for line in b) for b in blocks]
+    height = max(len(b) for b in blocks)
+    lines = []
+    for i in range(height):
+        lines.append("   |   ".join((b[i] if i < len(b) else "").ljust(w) for b, w in zip(blocks, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def summary_table(all_results: list[dict[str, Any]]) -> str:
+    lines = [f"{'method':<16}{'OP':>8}{'BWT':>8}{'FWT':>8}"]
+    for r in all_results:
+        lines.append(f"{r['method']:<16}{_fmt(r['OP']):>8}{_fmt(r['BWT']):>8}{_fmt(r['FWT']):>8}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Atomic write: a reader never sees half a results file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def heatmap(results: dict[str, Any], path: str) -> None:
+    """matrix.png: accuracy after each task (rows) on each task (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    im = ax.imshow(results["matrix"], vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training")
+    for i in range(n):
+        for j in range(n):
+            v = results["matrix"][i][j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+    bwt = results["BWT"]
+    ax.set_title(f"{results['method']}: OP {results['OP']:.3f}" + (f", BWT {bwt:+.3f}" if bwt is not None else ""))
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_results(paths: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                out.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read results ({e})") from None
+    return out

@@ -1,0 +1,132 @@
+import json
+import os
+
+import pytest
+
+from agcl_ds.config import SyntheticConfig
+from agcl_ds.data import synthetic
+from agcl_ds.data.collate import IGNORE, ByteTokenizer, collate
+from agcl_ds.data.tasks import DataError, Example, load_cl_benchmark, load_jsonl, load_trace
+
+CL = os.path.join("..", "shared", "data", "CL_Benchmark")
+needs_cl = pytest.mark.skipif(not os.path.isdir(CL), reason=f"{CL} not present beside the checkout")
+
+
+@needs_cl
+def test_cl_benchmark_layout():
+    task = load_cl_benchmark(CL, "agnews", max_train=50, max_test=20)
+    assert task.name == "agnews" and len(task.train) == 50 and len(task.test) == 20
+    assert task.options == [" World", " Sports", " Business", " Science or Technology"]
+    ex = task.train[0]
+    assert ex.prompt.startswith("What is the topic of the following paragraph?")
+    assert "Option: World, Sports, Business, Science or Technology\n" in ex.prompt
+    assert ex.prompt.endswith("\nAnswer:") and ex.answer in task.options
+    assert load_cl_benchmark(CL, "TC/agnews", 5, 5).train == task.train[:5]
+
+
+def make_cl(tmp_path, train, labels=("yes", "no"), test=None):
+    root = tmp_path / "cl"
+    folder = root / "SC" / "toy"
+    folder.mkdir(parents=True)
+    (root / "instruction_config.json").write_text(json.dumps({"SC": [{"instruction": "Sentiment?\n"}]}))
+    (folder / "labels.json").write_text(json.dumps(list(labels)))
+    (folder / "train.json").write_text(train if isinstance(train, str) else json.dumps(train))
+    (folder / "test.json").write_text(json.dumps(test or [{"sentence": "a", "label": "yes"}]))
+    return str(root)
+
+
+@pytest.mark.parametrize("train, message", [
+    ('[{"sentence": "a", "label": "yes"},\n {"sentence": "b" "label": "no"}]', r"train.json: malformed JSON at line 2"),
+    ([{"sentence": "a"}], r"train.json: item 0: missing field 'label'"),
+    ([{"sentence": "a", "label": "maybe"}], r"train.json: item 0: label 'maybe' is not in .*labels.json"),
+    ([], r"train.json: no examples \(empty task\)"),
+    ([{"sentence": 3, "label": "yes"}], r"item 0: field 'sentence' must be a string"),
+    ({"sentence": "a"}, r"expected a JSON list of objects"),
+])
+def test_cl_benchmark_bad_input(tmp_path, train, message):
+    root = make_cl(tmp_path, train)
+    with pytest.raises(DataError, match=message):
+        load_cl_benchmark(root, "toy")
+
+
+def test_cl_benchmark_unknown_task_lists_known(tmp_path):
+    root = make_cl(tmp_path, [{"sentence": "a", "label": "yes"}])
+    with pytest.raises(DataError, match=r"no task 'nope' \(found: SC/toy\)"):
+        load_cl_benchmark(root, "nope")
+    os.remove(os.path.join(root, "instruction_config.json"))
+    with pytest.raises(DataError, match="instruction_config.json: file not found"):
+        load_cl_benchmark(root, "toy")
+
+
+def test_trace_layout(tmp_path):
+    folder = tmp_path / "C-STANCE"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(4)]
+    for split in ("train", "eval", "test"):
+        (folder / f"{split}.json").write_text(json.dumps(rows))
+    task = load_trace(str(tmp_path), "C-STANCE", max_train=3)
+    assert task.train == [Example("q0", "a0"), Example("q1", "a1"), Example("q2", "a2")]
+    assert len(task.test) == 4 and task.options is None
+    (folder / "test.json").write_text(json.dumps([{"prompt": "q"}]))
+    with pytest.raises(DataError, match=r"test.json: item 0: missing field 'answer'"):
+        load_trace(str(tmp_path), "C-STANCE")
+    with pytest.raises(DataError, match="TRACE task folder not found"):
+        load_trace(str(tmp_path), "other")
+
+
+def test_jsonl_layout_and_bad_line(tmp_path):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "p", "answer": " x"}\n\n{"prompt": "q", "answer": " y"}\n')
+    (folder / "test.jsonl").write_text('{"prompt": "p", "answer": " y"}\n')
+    (folder / "options.json").write_text('[" x", " y"]')
+    task = load_jsonl(str(tmp_path), "t")
+    assert [e.answer for e in task.train] == [" x", " y"] and task.options == [" x", " y"]
+    (folder / "options.json").write_text('[" x"]')
+    with pytest.raises(DataError, match=r"answer ' y' is not in .*options.json"):
+        load_jsonl(str(tmp_path), "t")
+    (folder / "train.jsonl").write_text('{"prompt": "p", "answer": " x"}\n{"prompt": oops}\n')
+    with pytest.raises(DataError, match=r"train.jsonl: malformed JSON at line 2"):
+        load_jsonl(str(tmp_path), "t")
+
+
+def test_synthetic_family_shares_inputs_and_differs_in_outputs():
+    cfg = SyntheticConfig(n_train=300, n_test=50, seed=3)
+    tasks = synthetic.make_tasks(["dec", "revinc", "swap"], cfg)
+    again = synthetic.make_tasks(["dec", "revinc", "swap"], cfg)
+    assert [t.train for t in tasks] == [t.train for t in again]  # deterministic from the seed
+    digits = [[e.prompt.split(":")[1] for e in t.test] for t in tasks]
+    assert digits[0] == digits[1] == digits[2]  # the same inputs ...
+    answers = [[e.answer for e in t.test] for t in tasks]
+    assert all(len({a[i] for a in answers}) > 1 for i in range(50))  # ... mapped differently
+    train_in = {e.prompt.split(":")[1] for e in tasks[0].train}
+    assert not train_in & set(digits[0])  # no test input is seen in training
+    ex = tasks[1].train[0]
+    d = [int(c) for c in ex.prompt.split(":")[1].rstrip("=")]
+    assert ex.prompt.startswith("revinc:") and ex.answer == "".join(str((x + 1) % 10) for x in d[::-1])
+
+
+def test_synthetic_mixture_and_bad_names():
+    cfg = SyntheticConfig(n_train=100, n_test=10)
+    mix = synthetic.make_mixture(cfg)
+    assert len(mix.train) == 100 * len(cfg.base_tasks)
+    assert {e.prompt.split(":")[0] for e in mix.train} == set(cfg.base_tasks)
+    with pytest.raises(DataError, match="data.tasks: unknown synthetic task 'nope'"):
+        synthetic.make_tasks(["nope"], cfg)
+    with pytest.raises(DataError, match="'rev' is also a base task"):
+        synthetic.make_tasks(["rev"], cfg)
+
+
+def test_collate_masks_the_prompt_and_pads_right():
+    tok = ByteTokenizer()
+    batch = collate(tok, [Example("ab=", "xy"), Example("a=", "z")], max_len=16)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == (2, 7)  # bos + 3 prompt + 2 answer + eos
+    assert labels[0].tolist() == [IGNORE] * 4 + [ord("x") + 3, ord("y") + 3, tok.eos_id]
+    assert labels[1].tolist() == [IGNORE] * 3 + [ord("z") + 3, tok.eos_id] + [IGNORE] * 2
+    assert mask[1].tolist() == [1] * 5 + [0, 0] and ids[1, 5:].tolist() == [tok.pad_id] * 2
+    cut = collate(tok, [Example("0123456789", "xy")], max_len=6)  # prompt cut from the left
+    assert cut["labels"][0].tolist()[-3:] == [ord("x") + 3, ord("y") + 3, tok.eos_id]
+    assert cut["input_ids"].shape == (1, 6)
+    with pytest.raises(DataError, match="does not fit max_seq_len=3"):
+        collate(tok, [Example("p", "xyz")], max_len=3)

@@ -1,0 +1,85 @@
+"""The teacher-forced exact match must equal real greedy decoding; likelihood picks the best option."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from agcl_ds.data.collate import ByteTokenizer, collate
+from agcl_ds.data.tasks import Example, Task
+from agcl_ds.evaluation import Evaluator
+
+
+class Engine:  # the evaluator needs only `.module`
+    def __init__(self, module):
+        self.module = module
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+
+def greedy(model, tok, prompt, max_new):
+    ids = tok.encode(prompt, prompt=True)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eos_id:
+                return tok.decode(out), True
+            out.append(nxt)
+    return tok.decode(out), False
+
+
+def test_exact_match_equals_greedy_generation():
+    model, tok = tiny(), ByteTokenizer()
+    prompts = [f"t{i}:{i * 7919 % 1000:03d}=" for i in range(24)]
+    # a little training so that greedy decoding ends in EOS for some prompts, not for others
+    batch = collate(tok, [Example(p, p[-4:-1][::-1]) for p in prompts[:16]], 64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(40):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    examples, expected = [], []
+    for i, prompt in enumerate(prompts):
+        text, stopped = greedy(model, tok, prompt, 6)
+        if i % 3 == 0 and stopped:  # the model's own greedy answer: exact match
+            examples.append(Example(prompt, text))
+            expected.append(True)
+        elif i % 3 == 1 and stopped and text:  # first tokens right, last one altered
+            examples.append(Example(prompt, text[:-1] + chr((ord(text[-1]) + 1) % 128 or 1)))
+            expected.append(False)
+        else:  # generated text without its EOS, or a different answer
+            examples.append(Example(prompt, text + "q" if stopped else text))
+            expected.append(False)
+    assert sum(expected) >= 3 and expected.count(False) >= 3
+    task = Task("t", [], examples)
+    ev = Evaluator(Engine(model), tok, max_len=64, batch_size=5, mode="generate")
+    assert ev.evaluate(task) == sum(expected) / len(expected)
+    for ex, want in zip(examples, expected, strict=True):
+        assert ev.evaluate(Task("one", [], [ex])) == float(want)
+
+
+def test_likelihood_picks_the_most_probable_option():
+    model, tok = tiny(), ByteTokenizer()
+    options = [" alpha", " beta", " gamma"]
+    prompts = [f"q{i}?" for i in range(6)]
+
+    def logp(prompt, option):
+        ids = tok.encode(prompt, prompt=True) + tok.encode(option, prompt=False) + [tok.eos_id]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+        n = len(tok.encode(prompt, prompt=True))
+        return sum(lp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+
+    best = [max(options, key=lambda o, p=p: logp(p, o)) for p in prompts]
+    gold = [b if i % 2 == 0 else next(o for o in options if o != b) for i, b in enumerate(best)]
+    task = Task("c", [], [Example(p, g) for p, g in zip(prompts, gold, strict=True)], options=options)
+    ev = Evaluator(Engine(model), tok, max_len=64, batch_size=4, mode="likelihood")
+    assert ev.evaluate(task) == 0.5
