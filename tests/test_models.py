@@ -1,0 +1,108 @@
+"""Models from a local folder (HF tokenizer), from a config, and the consolidated export."""
+
+import json
+import os
+
+import pytest
+import torch
+from _dist import run_ranks
+
+from agcl_ds.config import load_config
+from agcl_ds.data.collate import HFTokenizer
+from agcl_ds.models import ModelError, check_source, load_model, save_consolidated
+
+ZERO0 = {"zero_optimization": {"stage": 0}}
+
+
+def make_folder(path):
+    """A tiny Llama folder with a real (word-level) Hugging Face tokenizer, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "yes", "no", "is", "it", "?"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def cfg_for(path, *extra):
+    return load_config("configs/demo.yaml", ["model.from_config=null", "model.pretrain=null", f"model.path={path}",
+                                             *extra])
+
+
+def test_local_folder_with_its_tokenizer(tmp_path):
+    ref = make_folder(tmp_path / "m")
+    cfg = cfg_for(tmp_path / "m")
+    check_source(cfg.model)
+    loaded = load_model(cfg, ZERO0)
+    assert isinstance(loaded.tokenizer, HFTokenizer)
+    assert loaded.tokenizer.encode("is it", prompt=False) == [6, 7]
+    assert loaded.tokenizer.eos_id == 2 and loaded.tokenizer.pad_id == 0
+    for (n, a), (_, b) in zip(ref.named_parameters(), loaded.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_model_source_errors(tmp_path):
+    with pytest.raises(ModelError, match="model.path: folder .* not found"):
+        check_source(cfg_for(tmp_path / "missing").model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        check_source(cfg_for(tmp_path / "empty").model)
+    with pytest.raises(ModelError, match="model.gguf_file: .* not found"):
+        check_source(cfg_for(tmp_path / "empty", "model.gguf_file=x.gguf").model)
+    make_folder(tmp_path / "custom")
+    conf = json.loads((tmp_path / "custom" / "config.json").read_text())
+    conf["architectures"] = ["MyOwnForCausalLM"]
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ModelError, match="'MyOwnForCausalLM' is not in transformers; set model.trust_remote_code"):
+        load_model(cfg_for(tmp_path / "custom"), ZERO0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
+def test_from_config_architectures(arch):
+    cfg = load_config("configs/demo.yaml", [f"model.from_config.arch={arch}", "model.from_config.hidden_size=32",
+                                            "model.from_config.intermediate_size=64", "model.from_config.num_layers=1",
+                                            "model.pretrain=null"])
+    loaded = load_model(cfg, ZERO0)
+    assert loaded.model.config.vocab_size == loaded.tokenizer.vocab_size == 259
+    ids = torch.tensor([[1, 50, 60, 2]])
+    assert loaded.model(input_ids=ids, labels=ids).loss.isfinite()
+
+
+def _export_body(tmp):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from agcl_ds.config import load_ds_config, resolve_ds_config
+    from agcl_ds.loop import build_engine
+
+    cfg = load_config("configs/demo.yaml", ["model.from_config.hidden_size=32", "model.from_config.num_layers=2",
+                                            "model.from_config.intermediate_size=64", "model.pretrain=null"])
+    ds = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2)
+    engine = build_engine(load_model(cfg, ds), ds)
+    full = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    save_consolidated(engine, os.path.join(tmp, "export"))
+    assert deepspeed.comm.get_world_size() == 2
+    return full
+
+
+@pytest.mark.slow
+def test_consolidated_export_from_zero3(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    full = run_ranks(_export_body, tmp=str(tmp_path))[0]
+    saved = load_file(tmp_path / "export" / "model.safetensors")
+    assert saved.keys() == full.keys()
+    for name, tensor in full.items():
+        assert torch.equal(saved[name], tensor), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
