@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 
+from agcl_ds.checkpoint import CheckpointError
 from agcl_ds.config import ConfigError, load_config, load_ds_config, resolve_ds_config
 from agcl_ds.data.tasks import DataError
 from agcl_ds.models import ModelError
 
-USER_ERRORS = (ConfigError, DataError, ModelError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+EXIT_REQUEUE = 3  # checkpointed after SIGTERM/SIGUSR1: the job wants to be requeued
 
 
 def _fail(message: str) -> None:
@@ -33,10 +35,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     check_source(cfg.model)  # model and data problems surface here, before distributed start-up
     load_tasks(cfg)
     from agcl_ds.distributed import init_distributed
-    from agcl_ds.loop import run
+    from agcl_ds.loop import Preempted, run
 
     init_distributed()
-    run(cfg, ds_config)
+    try:
+        run(cfg, ds_config, resume=args.resume)
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"agcl: preempted: {e}; exit {EXIT_REQUEUE} asks for a requeue", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REQUEUE)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -57,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a continual task sequence (under deepspeed or torchrun)")
     train.add_argument("--config", required=True, help="experiment YAML")
     train.add_argument("--ds", required=True, help="DeepSpeed JSON (\"auto\" fields filled from the YAML)")
+    train.add_argument("--resume", choices=["auto", "never", "force"], default="auto",
+                       help="auto: continue from the newest valid checkpoint (default); never: refuse to start "
+                            "over existing checkpoints; force: resume although the config changed")
     train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
     train.set_defaults(fn=cmd_train)

@@ -120,6 +120,12 @@ class LoggingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also checkpoint every N optimizer steps within a task (0: task ends only)
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     seed: int = 0
@@ -130,6 +136,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def run_dir(self) -> str:
         """Each method writes beside the others: <output.dir>/<method>."""
@@ -138,8 +145,16 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resume_view(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (logging and checkpoint
+        cadence may change between attempts; everything that shapes the result may not)."""
+        view = self.to_dict()
+        for key in ("logging", "checkpoint"):
+            view.pop(key)
+        return view
+
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.resume_view(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- validation
@@ -300,6 +315,8 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
             raise ConfigError(f"{path}: training.{key}: expected an integer >= 1")
     if t.lr <= 0:
         raise ConfigError(f"{path}: training.lr: expected a positive number")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"{path}: checkpoint: every_steps must be >= 0 and keep >= 1")
 
 
 # --------------------------------------------------------------------------- DeepSpeed JSON

@@ -14,12 +14,15 @@ import json
 import math
 import os
 import random
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from agcl_ds import checkpoint
 from agcl_ds import distributed as D
 from agcl_ds.config import ExperimentConfig
 from agcl_ds.data.collate import Tokenizer, collate
@@ -95,17 +98,20 @@ def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def train_task(engine, tok: Tokenizer, examples: list[Example], task_index: int, *, steps: int, lr: float,
                cfg: ExperimentConfig, log: RunLog, desc: str, method: Method | None = None,
-               ctx: RunContext | None = None, micro_batch: int | None = None) -> list[float]:
-    """Train `steps` optimizer steps on `examples`; return the rank-averaged loss of each step."""
+               ctx: RunContext | None = None, micro_batch: int | None = None, start: int = 0,
+               after_step: Callable[[int], None] | None = None) -> list[float]:
+    """Train optimizer steps `start`..`steps`-1 on `examples`; return the rank-averaged losses.
+
+    `after_step(done)` runs after each optimizer step on every rank (checkpoints, preemption)."""
     t = cfg.training
     mbs = micro_batch or t.micro_batch_size
     rank, world = D.rank(), D.world_size()
     order = BatchOrder(len(examples), cfg.seed, task_index)
     engine.train()
-    log.progress(steps, desc)
+    log.progress(steps - start, desc)
     losses: list[float] = []
     window: list[float] = []
-    for step in range(steps):
+    for step in range(start, steps):
         step_lr = lr_at(step, steps, lr, t.warmup_steps, t.lr_schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = step_lr
@@ -132,6 +138,8 @@ def train_task(engine, tok: Tokenizer, examples: list[Example], task_index: int,
             log.scalars(engine.global_steps, loss=mean, lr=step_lr)
             window = []
         log.advance(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}")
+        if after_step is not None:
+            after_step(step + 1)
     log.close_progress()
     return losses
 
@@ -174,16 +182,88 @@ def ensure_pretrained_base(cfg: ExperimentConfig, ds_config: dict[str, Any], log
     return folder
 
 
-def run(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> dict[str, Any]:
-    """Train the configured task sequence with the configured method; return results (all ranks)."""
+class Preempted(Exception):
+    """Raised after a checkpoint was written in answer to SIGTERM/SIGUSR1 (exit code 3: requeue)."""
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 into a flag that all ranks agree on at the next optimizer step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got a signal (one tiny all-reduce)."""
+        return D.all_sum([1.0 if self.raised else 0.0])[0] > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> str | None:
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            hit = _diff(a, b, f"{prefix}{key}.")
+            if hit:
+                return hit
+        elif a != b:
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return None
+
+
+def _resume_point(cfg: ExperimentConfig, root: str, mode: str) -> tuple[str, checkpoint.Position] | None:
+    if mode == "never":
+        if checkpoint.candidates(root):
+            raise checkpoint.CheckpointError(f"{root} holds checkpoints; resume with --resume auto, or move "
+                                             f"that folder away to start over")
+        return None
+    found = checkpoint.find_valid(root)
+    if found is None:
+        return None
+    folder, pos = found
+    changed = _diff(pos.config, cfg.resume_view())
+    if changed and mode != "force":
+        raise checkpoint.CheckpointError(f"{folder}: the config changed since this checkpoint ({changed}); "
+                                         f"restore it, or pass --resume force")
+    if pos.world_size != D.world_size():
+        raise checkpoint.CheckpointError(f"{folder}: saved by {pos.world_size} ranks, this run has "
+                                         f"{D.world_size()}; resume with {pos.world_size} ranks")
+    return found
+
+
+def run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str = "auto") -> dict[str, Any]:
+    """Train the configured task sequence with the configured method; return results (all ranks).
+
+    resume: "auto" continues from the newest valid checkpoint in <run_dir>/checkpoints, "never"
+    refuses to start over existing checkpoints, "force" resumes despite a changed config.
+    """
     run_dir = cfg.run_dir()
+    ckpt_root = os.path.join(run_dir, "checkpoints")
     tasks = load_tasks(cfg)
     method = build_method(cfg.method)
+    found = _resume_point(cfg, ckpt_root, resume)
+    results_path = os.path.join(run_dir, "results.json")
+    if found is not None and found[1].task == len(tasks) and os.path.isfile(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+        if D.is_main():
+            print(f"{run_dir}: the sequence is already finished; nothing to do\n{matrix_table(results)}")
+        return results
     torch.manual_seed(cfg.seed)
     log = RunLog(run_dir, cfg)
-    log.event("start", config=cfg.to_dict(), world_size=D.world_size(),
-              zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0))
-    base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain else None
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    log.event("start", config=cfg.to_dict(), world_size=D.world_size(), zero_stage=zero_stage,
+              resume_from=found[0] if found else None)
+    # a resumed run takes every weight from its checkpoint: no need for the pretrained base
+    base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain and not found else None
     loaded = load_model(cfg, ds_config, path_override=base_dir)
     engine = build_engine(loaded, ds_config)
     tok = loaded.tokenizer
@@ -191,25 +271,54 @@ def run(cfg: ExperimentConfig, ds_config: dict[str, Any]) -> dict[str, Any]:
     ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator)
     method.setup(ctx)
     started = time.time()
-    base = evaluator.evaluate_all(tasks)
-    log.event("eval", after="base", accuracies=base)
-    matrix: list[list[float]] = []
-    for i, task in enumerate(tasks):
-        method.before_task(ctx, i, task)
-        train_task(engine, tok, task.train, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr, cfg=cfg,
-                   log=log, desc=f"[{cfg.method.name}] task {i + 1}/{len(tasks)} {task.name}", method=method,
-                   ctx=ctx)
-        row = evaluator.evaluate_all(tasks)
-        matrix.append(row)
-        log.event("eval", after=task.name, accuracies=row)
-        log.print(f"after {task.name}: " + "  ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, row, strict=True)))
-        method.after_task(ctx, i, task)
+    if found is not None:
+        folder, pos = found
+        checkpoint.load(folder, engine, method)
+        log.print(f"resumed from {folder}: task {pos.task + 1}/{len(tasks)}, step {pos.step}")
+        base, matrix = pos.base, [list(r) for r in pos.matrix]
+        first_task, first_step = pos.task, pos.step
+    else:
+        base = evaluator.evaluate_all(tasks)
+        log.event("eval", after="base", accuracies=base)
+        matrix, first_task, first_step = [], 0, 0
+
+    def position(task: int, step: int) -> checkpoint.Position:
+        return checkpoint.Position(task=task, step=step, matrix=matrix, base=base, config=cfg.resume_view(),
+                                   world_size=D.world_size(), zero_stage=zero_stage, method=cfg.method.name)
+
+    stop = StopSignal()
+    try:
+        for i in range(first_task, len(tasks)):
+            task = tasks[i]
+            method.before_task(ctx, i, task)
+
+            def after_step(done: int, i: int = i) -> None:
+                if stop.agreed():
+                    checkpoint.save(ckpt_root, engine, method, position(i, done), cfg.checkpoint.keep)
+                    raise Preempted(f"checkpointed at task {i + 1}, step {done}")
+                every = cfg.checkpoint.every_steps
+                if every and done % every == 0 and done < cfg.training.steps_per_task:
+                    checkpoint.save(ckpt_root, engine, method, position(i, done), cfg.checkpoint.keep)
+
+            train_task(engine, tok, task.train, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr,
+                       cfg=cfg, log=log, desc=f"[{cfg.method.name}] task {i + 1}/{len(tasks)} {task.name}",
+                       method=method, ctx=ctx, start=first_step if i == first_task else 0, after_step=after_step)
+            row = evaluator.evaluate_all(tasks)
+            matrix.append(row)
+            log.event("eval", after=task.name, accuracies=row)
+            log.print(f"after {task.name}: " + "  ".join(f"{t.name} {a:.3f}"
+                                                         for t, a in zip(tasks, row, strict=True)))
+            method.after_task(ctx, i, task)
+            checkpoint.save(ckpt_root, engine, method, position(i + 1, 0), cfg.checkpoint.keep)
+    finally:
+        stop.restore()
+        log.close_progress()
     names = [t.name for t in tasks]
     results = {"tasks": names, "matrix": matrix, "base": base, **summary(matrix, base),
                "method": cfg.method.name, "config": cfg.to_dict(), "world_size": D.world_size(),
                "seconds": round(time.time() - started, 1)}
     if D.is_main():
-        write_json(os.path.join(run_dir, "results.json"), results)
+        write_json(results_path, results)
         heatmap(results, os.path.join(run_dir, "matrix.png"))
     log.print(matrix_table(results))
     log.event("done", OP=results["OP"], BWT=results["BWT"], FWT=results["FWT"])

@@ -10,8 +10,9 @@ task in order:
     after_task(ctx, index, task)
 
 A method never reaches into the engine's internals: it gets these calls, returns loss terms, and
-may install a gate (agcl_ds.gate) on the engine it is handed. `state_dict` holds everything it
-needs to resume (the checkpoint contract saves it).
+may install a gate (agcl_ds.gate) on the engine it is handed. `save`/`load` write and read
+everything it needs to resume into a checkpoint folder (agcl_ds.checkpoint lists the contract);
+when a run resumes mid-task, `before_task` is called again after `load`, so it must be idempotent.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class Method:
     def after_task(self, ctx: RunContext, index: int, task: Task) -> None:
         """After task `index` was trained and every task evaluated."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+    def save(self, folder: str) -> None:
+        """Write this rank's method state into a checkpoint folder (every rank calls it)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+    def load(self, folder: str) -> None:
+        """Restore what `save` wrote."""

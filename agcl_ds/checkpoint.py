@@ -1,0 +1,216 @@
+"""The resume contract: everything needed to continue a continual sequence, listed in one place.
+
+A checkpoint is the folder `<run_dir>/checkpoints/<tag>/`, tag `t<task>-s<step>`, holding:
+
+- model and optimizer shards (fp32 master, moments), per rank: DeepSpeed's `*_model_states.pt`
+  and `*_optim_states.pt`, written by `engine.save_checkpoint` on every rank;
+- method state (importance shards and R̄, Fisher, replay buffer, ...): whatever `Method.save`
+  writes, every rank;
+- RNG states (torch CPU and accelerator, Python): `rng/rank<r>.safetensors`, every rank;
+- the loop position (task index, optimizer steps done in it), the accuracy rows so far, the base
+  row, the config that shapes results, world size, ZeRO stage, method: `position.json`, rank 0;
+- the sha256 of every file above: `manifest.json`, rank 0, written last.
+
+The data order needs no state: it is a pure function of (seed, task, step) (`loop.BatchOrder`).
+
+Saving is atomic: every rank writes into `.tmp-<tag>/`, the files are hashed, the folder is renamed
+to `<tag>/`, and only then is the `latest` pointer replaced; the last `keep` checkpoints are kept.
+Loading verifies the manifest first (each rank hashes a share of the files) and falls back to the
+previous good checkpoint with a warning, so a truncated or altered file is never loaded.
+DeepSpeed's own `.pt` files are unpickled by DeepSpeed; they are loaded only after their checksums
+match the manifest that this package wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from agcl_ds import distributed as D
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used, phrased for the user in one line."""
+
+
+@dataclass
+class Position:
+    """Where the sequence stands: `step` optimizer steps of task `task` are done."""
+
+    task: int
+    step: int
+    matrix: list[list[float]] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    zero_stage: int = 0
+    method: str = ""
+
+    @property
+    def tag(self) -> str:
+        return f"t{self.task:03d}-s{self.step:07d}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for n in names:
+            rel = os.path.relpath(os.path.join(root, n), folder)
+            if rel != "manifest.json":
+                out.append(rel)
+    return sorted(out)
+
+
+def _hash_share(folder: str, names: list[str]) -> dict[str, str]:
+    """Hash this rank's share of the files; every rank gets the whole table."""
+    mine = {n: _sha256(os.path.join(folder, n)) for i, n in enumerate(names)
+            if i % D.world_size() == D.rank() and os.path.isfile(os.path.join(folder, n))}
+    if not dist.is_initialized() or D.world_size() == 1:
+        return mine
+    parts: list[dict[str, str]] = [{} for _ in range(D.world_size())]
+    dist.all_gather_object(parts, mine)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _save_rng(folder: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    py = json.dumps(random.getstate()).encode()
+    state["python"] = torch.frombuffer(bytearray(py), dtype=torch.uint8)
+    save_file(state, os.path.join(folder, "rng", f"rank{D.rank()}.safetensors"))
+
+
+def _load_rng(folder: str) -> None:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "rng", f"rank{D.rank()}.safetensors")
+    state = load_file(path)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    py = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save(root: str, engine, method, position: Position, keep: int) -> str:
+    """Write one checkpoint atomically (collective: every rank calls it); return its folder."""
+    tag = position.tag
+    tmp_tag = f".tmp-{tag}"
+    tmp = os.path.join(root, tmp_tag)
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+    D.barrier()
+    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
+    method.save(tmp)
+    _save_rng(tmp)
+    if D.is_main():
+        _write_json(os.path.join(tmp, "position.json"), position.__dict__)
+    D.barrier()
+    sums = _hash_share(tmp, _files(tmp))
+    if D.is_main():
+        _write_json(os.path.join(tmp, "manifest.json"), {"files": sums})
+        final = os.path.join(root, tag)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_json(os.path.join(root, "latest.json"), {"tag": tag})
+        tags = sorted(t for t in os.listdir(root) if t.startswith("t") and os.path.isdir(os.path.join(root, t)))
+        for old in tags[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    D.barrier()
+    return os.path.join(root, tag)
+
+
+def _verify(folder: str) -> str | None:
+    """None when every file matches the manifest, else the reason (same answer on every rank)."""
+    manifest = os.path.join(folder, "manifest.json")
+    reason = None
+    try:
+        with open(manifest) as f:
+            expected: dict[str, str] = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        reason = "manifest.json missing or unreadable"
+        expected = {}
+    if reason is None:
+        missing = sorted(set(expected) - set(_files(folder)))
+        if missing:
+            reason = f"{missing[0]} is missing"
+    if reason is None:
+        actual = _hash_share(folder, sorted(expected))
+        bad = sorted(n for n in expected if actual.get(n) != expected[n])
+        if bad:
+            reason = f"{bad[0]} does not match its checksum"
+    return D.broadcast_object(reason)
+
+
+def candidates(root: str) -> list[str]:
+    """Complete checkpoint folders, newest first (unfinished `.tmp-*` folders are ignored)."""
+    if not os.path.isdir(root):
+        return []
+    tags = sorted((t for t in os.listdir(root) if t.startswith("t") and os.path.isdir(os.path.join(root, t))),
+                  reverse=True)
+    return [os.path.join(root, t) for t in tags]
+
+
+def read_position(folder: str) -> Position:
+    with open(os.path.join(folder, "position.json")) as f:
+        return Position(**json.load(f))
+
+
+def find_valid(root: str) -> tuple[str, Position] | None:
+    """The newest checkpoint whose files all match their checksums; warns about each one skipped."""
+    found = candidates(root)
+    for folder in found:
+        reason = _verify(folder)
+        if reason is None:
+            return folder, read_position(folder)
+        if D.is_main():
+            print(f"agcl: warning: checkpoint {folder} is unusable ({reason}); trying the previous one",
+                  file=sys.stderr, flush=True)
+    if found:
+        raise CheckpointError(f"{root}: no checkpoint passes its checksums; move the folder away to start over")
+    return None
+
+
+def load(folder: str, engine, method) -> None:
+    """Restore engine, method and RNG state from a verified checkpoint folder (collective)."""
+    root, tag = os.path.split(folder)
+    try:
+        path, _ = engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
+    except Exception as e:  # DeepSpeed raises a bare exception for a different data-parallel size
+        if "world size" in str(e).lower():
+            raise CheckpointError(f"{folder}: saved with another data-parallel world size ({str(e).splitlines()[0]}); "
+                                  f"resume with the same number of ranks") from None
+        raise
+    if path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+    method.load(folder)
+    _load_rng(folder)

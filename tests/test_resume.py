@@ -1,0 +1,120 @@
+"""Fault tolerance: a rank killed mid-task, or a preemption signal, and the resumed sequence ends
+exactly where an uninterrupted run ends (bitwise weights and matrix, fp32 on CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from test_loop import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", *TINY, "model.pretrain=null",
+        "checkpoint.every_steps=3", "checkpoint.keep=3"]
+
+
+def start(out_dir, *extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py", *ARGS,
+           f"output.dir={out_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def ranks(proc):
+    return [c for c in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(c.cmdline())]
+
+
+def wait_for(path, proc, timeout=300):
+    t0 = time.time()
+    while not os.path.isdir(path):
+        assert proc.poll() is None, "the run ended before the checkpoint appeared"
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+def final_weights(run_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag="t002-s0000000")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    code, _, err = finish(start(out))
+    assert code == 0, err[-3000:]
+    with open(out / "seq" / "results.json") as f:
+        return json.load(f), final_weights(out / "seq")
+
+
+def same_as_reference(out, reference):
+    with open(out / "seq" / "results.json") as f:
+        res = json.load(f)
+    ref_res, ref_w = reference
+    assert res["matrix"] == ref_res["matrix"] and res["base"] == ref_res["base"]
+    w = final_weights(out / "seq")
+    assert w.keys() == ref_w.keys()
+    for k in w:
+        assert torch.equal(w[k], ref_w[k]), k
+
+
+@pytest.mark.slow
+def test_sigkill_one_rank_mid_task_then_resume(tmp_path, reference):
+    proc = start(tmp_path)
+    wait_for(tmp_path / "seq" / "checkpoints" / "t001-s0000003", proc)  # second task, mid-way
+    ranks(proc)[1].send_signal(signal.SIGKILL)
+    code, _, _ = finish(proc)
+    assert code != 0
+    code, out, err = finish(start(tmp_path))
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out and "t001-s00000" in out
+    same_as_reference(tmp_path, reference)
+    # a finished sequence is not re-run
+    code, out, _ = finish(start(tmp_path))
+    assert code == 0 and "already finished" in out
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_then_resume(tmp_path, reference):
+    proc = start(tmp_path)
+    wait_for(tmp_path / "seq" / "checkpoints" / "t000-s0000003", proc)
+    for r in ranks(proc)[:1]:  # one rank is signalled; all must agree and save
+        r.send_signal(signal.SIGUSR1)
+    code, _, err = finish(proc)
+    assert code != 0 and "preempted" in err
+    saved = sorted(os.listdir(tmp_path / "seq" / "checkpoints"))
+    assert any(t.startswith("t00") for t in saved) and not any(t.startswith(".tmp") for t in saved)
+    code, out, err = finish(start(tmp_path))
+    assert code == 0, err[-3000:]
+    same_as_reference(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_falls_back_and_config_change_is_refused(tmp_path, reference):
+    code, _, err = finish(start(tmp_path, "checkpoint.keep=2"))
+    assert code == 0, err[-3000:]
+    ckpts = tmp_path / "seq" / "checkpoints"
+    tags = sorted(t for t in os.listdir(ckpts) if t.startswith("t"))
+    assert tags == ["t001-s0000009", "t002-s0000000"]  # the last two are kept
+    victim = next((ckpts / tags[-1]).glob("*optim_states.pt"))
+    with open(victim, "r+b") as f:  # truncate one shard
+        f.truncate(os.path.getsize(victim) // 2)
+    os.remove(tmp_path / "seq" / "results.json")
+    code, out, err = finish(start(tmp_path))
+    assert code == 0, err[-3000:]
+    assert "is unusable" in err and "does not match its checksum" in err and "resumed from" in out
+    assert tags[0] in out
+    same_as_reference(tmp_path, reference)
+    code, _, err = finish(start(tmp_path, "training.lr=0.01"))
+    assert code != 0 and "the config changed since this checkpoint (training.lr: 0.003 -> 0.01)" in err
