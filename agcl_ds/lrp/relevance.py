@@ -1,0 +1,283 @@
+"""Per-sample parameter relevance R_b(W) = W ⊙ ∂̃f_b/∂W, taken in module hooks before anything sums.
+
+A batched backward only yields Σ_b W ⊙ ∂̃f_b/∂W, whose magnitude is far below Σ_b |W ⊙ ∂̃f_b/∂W| (signs
+cancel across samples), so the per-sample maps are built from what each module sees: a forward hook saves
+its input x, a tensor hook on its output receives the (LRP-modified) output gradient g, and
+
+    Linear   G_b = Σ_t g_btᵀ x_bt           (GPT-2 Conv1D: the transpose)      bias  G_b = Σ_t g_bt
+    Embedding G_b[v] = Σ_{t: id_bt = v} g_bt
+    Norm      G_b = Σ_t g_bt ⊙ x̂_bt                                            bias  G_b = Σ_t g_bt
+
+and |W ⊙ G_b| goes to a consumer callback, in row blocks of bounded size (the lm_head and embeddings are
+B × V × H), inside the backward of the module that uses W last — the moment ZeRO-3 has W gathered. A
+parameter used by several modules (tied embedding / lm_head) sums its G_b over uses before the |·|.
+
+Run it inside `lrp_rules(model)` for AttnLRP; without rules the maps are plain |W ⊙ ∂f_b/∂W|.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from agcl_ds.lrp.rules import Variant, is_rms_norm, lrp_rules, normalized_input
+
+Target = Literal["predicted", "gold"]
+Positions = Literal["all", "first"]
+# consumer(name, param, |R| of rows [row_start, row_start + rows) for the kept samples, row_start)
+Consumer = Callable[[str, nn.Parameter, torch.Tensor, int], None]
+# a per-sample signed gradient block: (row_start, row_end) -> Tensor[B, rows, *param.shape[1:]]
+_Part = Callable[[int, int], torch.Tensor]
+
+DEFAULT_CHUNK_ELEMS = 1 << 26  # 256 MiB of fp32 per block
+
+
+def answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] bool: logits[:, t] predicts an answer token (labels[:, t+1] != -100)."""
+    return labels[:, 1:] != -100
+
+
+def answered_correctly(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: greedy argmax equals the label at every answer position (and there is at least one)."""
+    pos = answer_mask(labels)
+    hit = logits[:, :-1].argmax(-1) == labels[:, 1:]
+    return (hit | ~pos).all(1) & pos.any(1)
+
+
+def explained_logit(logits: torch.Tensor, labels: torch.Tensor, target: Target = "predicted",
+                    positions: Positions = "all") -> torch.Tensor:
+    """[B] the explained output f_b: the next-token logit at the answer positions (summed, or the first)."""
+    if target not in ("predicted", "gold"):
+        raise ValueError(f"target must be 'predicted' or 'gold', got {target!r}")
+    if positions not in ("all", "first"):
+        raise ValueError(f"positions must be 'all' or 'first', got {positions!r}")
+    pos = answer_mask(labels)
+    if positions == "first":
+        pos = pos & (pos.cumsum(1) == 1)
+    lg = logits[:, :-1]
+    tok = lg.argmax(-1) if target == "predicted" else labels[:, 1:].clamp_min(0)
+    val = lg.gather(-1, tok.unsqueeze(-1)).squeeze(-1).float()
+    return (val * pos).sum(1)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear with weight stored [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if _is_conv1d(m):
+        return "conv1d"
+    if isinstance(m, nn.Embedding):
+        return "embedding"
+    if is_rms_norm(m) or isinstance(m, nn.LayerNorm):
+        return "norm"
+    return None
+
+
+@dataclass
+class _Pending:
+    param: nn.Parameter
+    uses: int = 0
+    parts: list[_Part] = field(default_factory=list)
+
+
+class PerSampleRelevance:
+    """Hooks that hand per-sample |W ⊙ ∂̃f_b/∂W| of every parameter to `consumer`, one micro-batch at a time.
+
+    Use as a context manager; inside, `run(batch)` does one forward/backward. Parameters are frozen
+    (requires_grad False) meanwhile so that autograd skips its own summed weight gradients; the flags are
+    restored on exit. `model` names the parameters (pass `engine.module` for a DeepSpeed engine).
+    """
+
+    def __init__(self, model: nn.Module, consumer: Consumer, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+        if max_chunk_elems < 1:
+            raise ValueError(f"max_chunk_elems must be >= 1, got {max_chunk_elems}")
+        self.model, self.consumer, self.max_chunk_elems = model, consumer, max_chunk_elems
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.modules = [(m, k) for m in model.modules() if (k := _kind(m)) is not None]
+        covered = {id(p) for m, _ in self.modules for p in m.parameters(recurse=False)}
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        if missing:
+            raise ValueError(f"no per-sample relevance rule for {len(missing)} parameter(s), e.g. "
+                             f"{', '.join(missing[:3])}; covered: Linear, Conv1D, Embedding, RMSNorm, "
+                             "LayerNorm")
+        self.keep = torch.ones(0, dtype=torch.bool)
+        self._batch = 0
+        self._state: dict[int, _Pending] = {}
+        self._leaves: list[torch.Tensor] = []
+        self._handles: list = []
+        self._requires_grad: dict[nn.Parameter, bool] = {}
+
+    def __enter__(self) -> PerSampleRelevance:
+        if any(getattr(m, "gradient_checkpointing", False) and m.training for m in self.model.modules()):
+            raise ValueError("per-sample relevance hooks need gradient checkpointing off "
+                             "(or the model in eval mode)")
+        self._requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        for p in self._requires_grad:
+            p.requires_grad_(False)
+        for m, kind in self.modules:
+            self._handles.append(m.register_forward_hook(self._forward_hook(kind), prepend=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        self._handles, self._requires_grad, self._state, self._leaves = [], {}, {}, []
+
+    def run(self, batch: Mapping[str, torch.Tensor], target: Target = "predicted",
+            positions: Positions = "all", only_correct: bool = True,
+            forward: Callable[..., object] | None = None) -> torch.Tensor:
+        """One forward/backward on `batch`; returns the [B] bool mask of samples whose maps were emitted.
+
+        The backward always runs (with f = 0 if no sample is kept) so that every rank of a ZeRO-3 job
+        takes part in the same gathers.
+        """
+        if not self._handles:
+            raise RuntimeError("PerSampleRelevance.run needs the hooks installed: use it inside `with`")
+        self._state, self._leaves = {}, []
+        labels = batch["labels"]
+        self._batch = labels.shape[0]
+        out = (forward or self.model)(input_ids=batch["input_ids"],
+                                      attention_mask=batch.get("attention_mask"))
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if only_correct:
+            keep = answered_correctly(logits.detach(), labels)
+        else:
+            keep = torch.ones_like(labels[:, 0], dtype=torch.bool)
+        self.keep = keep
+        f = (explained_logit(logits, labels, target, positions) * keep).sum()
+        if not self._leaves:
+            raise RuntimeError("no embedding output was seen in the forward; cannot backpropagate")
+        torch.autograd.grad(f, self._leaves, allow_unused=True)
+        # a use that no gradient reached (none in the supported families; reads W outside its module,
+        # so single-process only): emit what arrived, so that every parameter is reported once per pass
+        for pid in [pid for pid, s in self._state.items() if s.uses > 0]:
+            self._emit(pid)
+        self._state, self._leaves = {}, []
+        return keep
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, kind: str):
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if not torch.is_grad_enabled():
+                return None
+            saved, ret = args[0].detach(), None
+            if kind == "embedding":
+                if not out.requires_grad:
+                    out.requires_grad_()  # params are frozen: the graph starts at the embedding outputs
+                    self._leaves.append(out)
+                if out.shape[0] == 1 < self._batch:  # GPT-2 wpe: one row broadcast over the batch
+                    out = ret = out.expand(self._batch, *out.shape[1:])
+                    saved = saved.expand(self._batch, *saved.shape[1:])
+            if not out.requires_grad:
+                return None
+            for p in mod.parameters(recurse=False):
+                self._state.setdefault(id(p), _Pending(p)).uses += 1
+            out.register_hook(lambda g: self._backward(mod, kind, saved, g))
+            return ret
+
+        return hook
+
+    def _backward(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        x, g = x[self.keep], g[self.keep]
+        dt = torch.promote_types(g.dtype, torch.float32)
+        for p, part in self._parts(mod, kind, x, g.to(dt)):
+            s = self._state[id(p)]
+            s.parts.append(part)
+            s.uses -= 1
+            if s.uses == 0:
+                self._emit(id(p))
+
+    def _parts(self, mod: nn.Module, kind: str, x: torch.Tensor,
+               g: torch.Tensor) -> list[tuple[nn.Parameter, _Part]]:
+        if kind == "embedding":
+            pad = mod.padding_idx
+            return [(mod.weight, lambda r0, r1: _embedding_block(x, g, r0, r1, pad))]
+        if kind == "norm":
+            gw = _tokens(g * normalized_input(mod, x).to(g.dtype)).sum(1)
+            out = [(mod.weight, lambda r0, r1: gw[:, r0:r1])] if mod.weight is not None else []
+            if getattr(mod, "bias", None) is not None:
+                gb = _tokens(g).sum(1)
+                out.append((mod.bias, lambda r0, r1: gb[:, r0:r1]))
+            return out
+        g, x = _tokens(g), _tokens(x).to(g.dtype)
+        live = (g != 0).any(-1).any(0)  # positions no sample's gradient reaches (e.g. after the answer)
+        if not bool(live.all()):
+            g, x = g[:, live], x[:, live]
+        if kind == "linear":
+            out = [(mod.weight, lambda r0, r1: torch.einsum("bto,bti->boi", g[..., r0:r1], x))]
+        else:  # conv1d, weight [in, out]
+            out = [(mod.weight, lambda r0, r1: torch.einsum("bti,bto->bio", x[..., r0:r1], g))]
+        if mod.bias is not None:
+            out.append((mod.bias, lambda r0, r1: g[..., r0:r1].sum(1)))
+        return out
+
+    def _emit(self, pid: int) -> None:
+        s = self._state.pop(pid)
+        p = s.param
+        w = p.detach()
+        n = int(self.keep.sum())
+        row = math.prod(w.shape[1:])
+        step = max(1, self.max_chunk_elems // max(1, n * row))
+        dt = torch.promote_types(w.dtype, torch.float32)
+        for r0 in range(0, w.shape[0], step):
+            r1 = min(w.shape[0], r0 + step)
+            if s.parts:
+                grad = s.parts[0](r0, r1)
+                for part in s.parts[1:]:
+                    grad = grad + part(r0, r1)
+            else:
+                grad = w.new_zeros((n, r1 - r0, *w.shape[1:]), dtype=dt)
+            self.consumer(self.names[pid], p, (grad * w[r0:r1].to(dt)).abs_(), r0)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., C] -> [B, N, C] (explicit sizes: B may be 0 when no sample is kept)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+def _embedding_block(ids: torch.Tensor, g: torch.Tensor, r0: int, r1: int, pad: int | None) -> torch.Tensor:
+    """Per-sample gradient of embedding rows [r0, r1): Σ over the sample's tokens with that id."""
+    b, rows, h = g.shape[0], r1 - r0, g.shape[-1]
+    sel = (ids >= r0) & (ids < r1)
+    if pad is not None:
+        sel &= ids != pad  # nn.Embedding never updates padding_idx
+    bi, ti = sel.nonzero(as_tuple=True)
+    out = g.new_zeros(b * rows, h)
+    out.index_add_(0, bi * rows + ids[bi, ti] - r0, g[bi, ti])
+    return out.view(b, rows, h)
+
+
+def relevance_maps(model: nn.Module, batch: Mapping[str, torch.Tensor], variant: Variant = "attnlrp",
+                   target: Target = "predicted", positions: Positions = "all", only_correct: bool = True,
+                   reduce: Literal["none", "sum"] = "none",
+                   max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Single-process convenience: {name: |R| [n_kept, *shape] (or summed over samples)}, kept-mask [B].
+
+    Not for ZeRO-3 (the full maps of every parameter are held at once); use PerSampleRelevance there.
+    """
+    if reduce not in ("none", "sum"):
+        raise ValueError(f"reduce must be 'none' or 'sum', got {reduce!r}")
+    maps: dict[str, torch.Tensor] = {}
+
+    def collect(name: str, p: nn.Parameter, r: torch.Tensor, row_start: int) -> None:
+        if name not in maps:
+            shape = p.shape if reduce == "sum" else (r.shape[0], *p.shape)
+            maps[name] = r.new_zeros(shape)
+        dst = maps[name] if reduce == "sum" else maps[name].transpose(0, 1)
+        dst[row_start:row_start + r.shape[1]] += r.sum(0) if reduce == "sum" else r.transpose(0, 1)
+
+    with lrp_rules(model, variant), PerSampleRelevance(model, collect, max_chunk_elems) as hooks:
+        keep = hooks.run(batch, target, positions, only_correct)
+    return maps, keep

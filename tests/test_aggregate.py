@@ -1,0 +1,130 @@
+"""Aggregation over samples and per-tensor normalisation, against naive references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _dist import run_ranks
+
+from agcl_ds.importance.aggregate import (
+    LogScale,
+    PowerMean,
+    TopKMean,
+    dist_reduce,
+    kth_largest,
+    normalize,
+    quantile_rank,
+)
+
+
+def heavy_tailed(b: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(b, n, generator=g).exp().pow(3)  # log-normal-ish, like |R|
+    r[:, :n // 10] = 0.0  # untouched entries (embedding rows, unpredicted lm_head rows)
+    return r
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_topk_mean_matches_naive(k):
+    vals = heavy_tailed(13, 50)
+    agg = TopKMean(50, k)
+    assert torch.equal(agg.result(), torch.zeros(50))
+    for chunk in vals.split([2, 0, 5, 6]):  # micro-batches, one empty, the first smaller than k
+        agg.update(chunk)
+    ref = vals.topk(k, dim=0).values.mean(0)
+    torch.testing.assert_close(agg.result(), ref, rtol=1e-6, atol=0)
+    few = TopKMean(50, 20)
+    few.update(vals[:4])
+    torch.testing.assert_close(few.result(), vals[:4].mean(0))  # fewer samples than K: mean of all seen
+
+
+def test_power_mean_matches_naive_and_is_sum_reducible():
+    vals = heavy_tailed(12, 40).log1p()
+    agg = PowerMean(40, p=3.0, dtype=torch.float64)
+    for chunk in vals.split(5):
+        agg.update(chunk)
+    ref = vals.double().pow(3).mean(0).pow(1 / 3)
+    torch.testing.assert_close(agg.result(), ref, rtol=1e-12, atol=0)
+    split = PowerMean(40, p=3.0, dtype=torch.float64)  # two "ranks": sum their partials, then add once
+    split.add(split.partial(vals[:7]) + split.partial(vals[7:]), 12)
+    torch.testing.assert_close(split.result(), ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"\[B, 40\]"):
+        agg.update(vals[0])
+
+
+def test_log_scale_fixes_scale_on_first_nonzero_batch():
+    phi = LogScale()
+    assert torch.equal(phi(torch.zeros(2, 5)), torch.zeros(2, 5)) and phi.scale is None
+    r = heavy_tailed(4, 30)
+    out = phi(r)
+    assert phi.scale == pytest.approx(r.double().mean().item())
+    torch.testing.assert_close(out, torch.log1p(r / r.mean()))
+    torch.testing.assert_close(phi(3 * r), torch.log1p(3 * r / r.mean()))  # fixed after the first batch
+    with pytest.raises(ValueError):
+        LogScale(scale=0.0)
+
+
+@pytest.mark.parametrize("method", ["minmax", "rank", "topk"])
+def test_normalisation_stays_in_unit_interval(method):
+    x = TopKMean(1000, 4)
+    x.update(LogScale()(heavy_tailed(16, 1000)))
+    u = normalize(x.result(), method, top_frac=0.1)
+    assert u.shape == (1000,) and u.min() >= 0 and u.max() <= 1 and torch.isfinite(u).all()
+    assert torch.equal(normalize(torch.full((7,), 3.0), method), torch.zeros(7))  # constant: nothing stands
+
+
+def test_minmax_values():
+    x = torch.tensor([2.0, 4.0, 3.0, 6.0])
+    torch.testing.assert_close(normalize(x, "minmax"), torch.tensor([0.0, 0.5, 0.25, 1.0]))
+
+
+def test_rank_is_close_to_exact_ranks():
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1)).exp()
+    u = quantile_rank(x, bins=4096)
+    exact = x.argsort().argsort().double() / (x.numel() - 1)
+    assert (u.double() - exact).abs().max() < 5e-3 and u.min() == 0 and u.max() == 1
+
+
+@pytest.mark.parametrize("frac", [0.01, 0.1, 0.3, 1.0])
+def test_topk_binarisation_is_exact(frac):
+    x = heavy_tailed(1, 3001, seed=2)[0]
+    k = math.ceil(frac * x.numel())
+    assert kth_largest(x, k) == x.double().topk(k).values[-1].item()
+    m = normalize(x, "topk", top_frac=frac)
+    thr = x.topk(k).values[-1]
+    assert torch.equal(m.bool(), (x >= thr) & (x > 0))  # zeros (the minimum) are never marked
+    assert m.sum() >= min(k, int((x > 0).sum()))
+    ties = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5])  # ties at the threshold are all kept
+    assert normalize(ties, "topk", top_frac=0.4).tolist() == [0, 1, 1, 1, 0]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        normalize(torch.ones(3), "max")
+    with pytest.raises(ValueError, match="top_frac"):
+        normalize(torch.ones(3), "topk", top_frac=0.0)
+    with pytest.raises(ValueError, match="flat"):
+        normalize(torch.ones(2, 2), "rank")
+    with pytest.raises(ValueError, match="k >= 1"):
+        TopKMean(3, 0)
+
+
+def _sharded_normalise(tmp: str, x: torch.Tensor, cuts: list[int]) -> dict[str, torch.Tensor]:
+    rank = torch.distributed.get_rank()
+    shard = x[cuts[rank]:cuts[rank + 1]]
+    red = dist_reduce()
+    return {m: normalize(shard, m, top_frac=0.05, reduce=red) for m in ("minmax", "rank", "topk")}
+
+
+@pytest.mark.slow
+def test_sharded_normalisation_equals_unsharded():
+    x = TopKMean(2000, 4)
+    x.update(LogScale()(heavy_tailed(8, 2000, seed=3)))
+    x = x.result()
+    for cuts in ([0, 1200, 2000], [0, 0, 2000]):  # uneven shards, and an empty one (a ZeRO-1/2 fragment)
+        out = run_ranks(_sharded_normalise, x, cuts)
+        for m in ("minmax", "rank", "topk"):
+            torch.testing.assert_close(torch.cat([o[m] for o in out]), normalize(x, m, top_frac=0.05),
+                                       rtol=1e-6, atol=1e-7)
