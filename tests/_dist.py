@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, port: int, module: str, name: str, tmp: str, 
 def run_ranks(fn, *args, world: int = 2, tmp: str | None = None) -> list:
     """Run `fn(tmp, *args)` on `world` spawned CPU ranks; return each rank's result."""
     tmp = tmp or tempfile.mkdtemp(prefix="agcl_dist_")
+    os.makedirs(tmp, exist_ok=True)
     mp.spawn(_worker, args=(world, _free_port(), fn.__module__, fn.__name__, tmp, args),
              nprocs=world, join=True)
     results = []

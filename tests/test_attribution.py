@@ -1,0 +1,62 @@
+"""The attribution pass on a partitioned engine equals the single-process importance."""
+
+import pytest
+import torch
+from _dist import run_ranks
+
+from agcl_ds.attribution import AttributionOptions, attribute
+from agcl_ds.config import load_config, load_ds_config, resolve_ds_config
+from agcl_ds.data import synthetic
+
+TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size=64", "model.from_config.num_layers=2",
+        "model.from_config.num_kv_heads=2", "model.pretrain=null", "data.synthetic.n_train=64",
+        "data.synthetic.n_digits=4", "data.max_seq_len=16"]
+
+
+def _body(tmp, ds_name, folder, aggregate):
+    from agcl_ds.importance.partition import gather_full, local_shards
+    from agcl_ds.loop import build_engine
+    from agcl_ds.models import load_model
+
+    cfg = load_config("configs/demo.yaml", [*TINY, "model.from_config=null", f"model.path={folder}",
+                                            "model.tokenizer=byte"])
+    ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, torch.distributed.get_world_size())
+    loaded = load_model(cfg, ds)
+    engine = build_engine(loaded, ds)
+    task = synthetic.make_tasks(["dec"], cfg.data.synthetic)[0]
+    world = torch.distributed.get_world_size()
+    opts = AttributionOptions(only_correct=False, n_samples=12, micro_batch_size=6 // world, aggregate=aggregate,
+                              normalize="minmax", k=4)
+    local, n = attribute(engine, loaded.tokenizer, task.train, opts, cfg.data.max_seq_len)
+    specs = local_shards(engine)
+    assert local.keys() == specs.keys()
+    assert all(local[k].numel() == specs[k].numel for k in local)  # exactly this rank's shard
+    return {"n": n, "full": gather_full(local, specs)}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from agcl_ds.models import load_model
+
+    path = tmp_path_factory.mktemp("model")
+    cfg = load_config("configs/demo.yaml", TINY)
+    loaded = load_model(cfg, {"zero_optimization": {"stage": 0}})
+    loaded.model.config.architectures = ["LlamaForCausalLM"]
+    loaded.model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aggregate", ["topk", "power"])
+def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate):
+    ref = run_ranks(_body, "zero0", folder, aggregate, world=1, tmp=str(tmp_path / "one"))[0]
+    two = run_ranks(_body, "zero3", folder, aggregate, world=2, tmp=str(tmp_path / "two"))
+    assert ref["n"] == two[0]["n"] == 12
+    full = two[0]["full"]
+    assert full.keys() == ref["full"].keys()
+    for name, want in ref["full"].items():
+        got = full[name]
+        assert got.shape == want.shape
+        assert 0.0 <= float(got.min()) and float(got.max()) <= 1.0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    assert sum(float(v.sum()) for v in full.values()) > 0
