@@ -42,8 +42,9 @@ class FromConfig:
 class PretrainConfig:
     """Pretrain the from-config model once on a broad task mixture; the result is cached by hash."""
 
-    steps: int = 1500
-    lr: float = 2e-3
+    steps: int = 2000
+    lr: float = 3e-3  # cosine schedule after `warmup_steps` of linear warm-up
+    warmup_steps: int = 50
     micro_batch_size: int = 32
     cache_dir: str = ".cache/agcl_ds/bases"
 
@@ -61,7 +62,7 @@ class ModelConfig:
 @dataclass
 class SyntheticConfig:
     base_tasks: list[str] = field(default_factory=lambda: ["rev", "inc", "rot2", "comp"])
-    n_digits: int = 8
+    n_digits: int = 6
     n_train: int = 2000
     n_test: int = 200
     seed: int = 0
@@ -71,7 +72,7 @@ class SyntheticConfig:
 class DataConfig:
     source: Literal["synthetic", "cl_benchmark", "trace", "jsonl"] = "synthetic"
     path: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["dec", "revinc", "rot2comp", "swap"])
+    tasks: list[str] = field(default_factory=lambda: ["dec", "rot2inc", "add2", "swap"])
     max_train: int | None = None  # per task; None keeps everything
     max_test: int | None = None
     max_seq_len: int = 256
@@ -262,7 +263,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        out.append((key.strip(), value))
     return out
 
 

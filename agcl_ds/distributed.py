@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import torch
@@ -30,6 +31,9 @@ def init_distributed(timeout_s: int = 1800) -> None:
     import deepspeed
     import deepspeed.ops
 
+    # DeepSpeed calls the collectives torch 2.13 deprecates; the warning repeats on every step
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a 1-rank group

@@ -47,6 +47,8 @@ class RunContext:
     run_dir: str
     log: RunLog
     evaluator: Evaluator
+    ds_config: dict[str, Any]  # the resolved DeepSpeed config (a method may build a second engine)
+    base_dir: str | None  # the cached pretrained base, when the model is pretrained here
 
 
 class BatchOrder:
@@ -99,11 +101,14 @@ def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_task(engine, tok: Tokenizer, examples: list[Example], task_index: int, *, steps: int, lr: float,
                cfg: ExperimentConfig, log: RunLog, desc: str, method: Method | None = None,
                ctx: RunContext | None = None, micro_batch: int | None = None, start: int = 0,
-               after_step: Callable[[int], None] | None = None) -> list[float]:
+               after_step: Callable[[int], None] | None = None, schedule: tuple[str, int] | None = None
+               ) -> list[float]:
     """Train optimizer steps `start`..`steps`-1 on `examples`; return the rank-averaged losses.
 
-    `after_step(done)` runs after each optimizer step on every rank (checkpoints, preemption)."""
+    `after_step(done)` runs after each optimizer step on every rank (checkpoints, preemption);
+    `schedule` = (lr_schedule, warmup_steps) overrides the training section's (pretraining)."""
     t = cfg.training
+    kind, warmup = schedule or (t.lr_schedule, t.warmup_steps)
     mbs = micro_batch or t.micro_batch_size
     rank, world = D.rank(), D.world_size()
     order = BatchOrder(len(examples), cfg.seed, task_index)
@@ -112,7 +117,7 @@ def train_task(engine, tok: Tokenizer, examples: list[Example], task_index: int,
     losses: list[float] = []
     window: list[float] = []
     for step in range(start, steps):
-        step_lr = lr_at(step, steps, lr, t.warmup_steps, t.lr_schedule)
+        step_lr = lr_at(step, steps, lr, warmup, kind)
         for group in engine.optimizer.param_groups:
             group["lr"] = step_lr
         step_loss = 0.0
@@ -172,7 +177,7 @@ def ensure_pretrained_base(cfg: ExperimentConfig, ds_config: dict[str, Any], log
     log.print(f"pretraining the base on {len(mixture.train)} mixture examples for {pre.steps} steps "
               f"(cached afterwards in {folder})")
     train_task(engine, loaded.tokenizer, mixture.train, -1, steps=pre.steps, lr=pre.lr, cfg=cfg, log=log,
-               desc="pretrain base", micro_batch=pre.micro_batch_size)
+               desc="pretrain base", micro_batch=pre.micro_batch_size, schedule=("cosine", pre.warmup_steps))
     evaluator = Evaluator(engine, loaded.tokenizer, cfg.data.max_seq_len, cfg.evaluation.batch_size, "generate")
     acc = evaluator.evaluate(mixture)
     log.print(f"pretrained base: exact match {acc:.3f} on the held-out base mixture")
@@ -245,6 +250,14 @@ def run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str = "auto") 
     resume: "auto" continues from the newest valid checkpoint in <run_dir>/checkpoints, "never"
     refuses to start over existing checkpoints, "force" resumes despite a changed config.
     """
+    stop = StopSignal()  # from the start: a preemption during start-up is answered at the first step
+    try:
+        return _run(cfg, ds_config, resume, stop)
+    finally:
+        stop.restore()
+
+
+def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: StopSignal) -> dict[str, Any]:
     run_dir = cfg.run_dir()
     ckpt_root = os.path.join(run_dir, "checkpoints")
     tasks = load_tasks(cfg)
@@ -262,13 +275,12 @@ def run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str = "auto") 
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log.event("start", config=cfg.to_dict(), world_size=D.world_size(), zero_stage=zero_stage,
               resume_from=found[0] if found else None)
-    # a resumed run takes every weight from its checkpoint: no need for the pretrained base
-    base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain and not found else None
+    base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain else None
     loaded = load_model(cfg, ds_config, path_override=base_dir)
     engine = build_engine(loaded, ds_config)
     tok = loaded.tokenizer
     evaluator = Evaluator(engine, tok, cfg.data.max_seq_len, cfg.evaluation.batch_size, cfg.evaluation.mode)
-    ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator)
+    ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator, ds_config, base_dir)
     method.setup(ctx)
     started = time.time()
     if found is not None:
@@ -286,7 +298,6 @@ def run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str = "auto") 
         return checkpoint.Position(task=task, step=step, matrix=matrix, base=base, config=cfg.resume_view(),
                                    world_size=D.world_size(), zero_stage=zero_stage, method=cfg.method.name)
 
-    stop = StopSignal()
     try:
         for i in range(first_task, len(tasks)):
             task = tasks[i]
@@ -311,7 +322,6 @@ def run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str = "auto") 
             method.after_task(ctx, i, task)
             checkpoint.save(ckpt_root, engine, method, position(i + 1, 0), cfg.checkpoint.keep)
     finally:
-        stop.restore()
         log.close_progress()
     names = [t.name for t in tasks]
     results = {"tasks": names, "matrix": matrix, "base": base, **summary(matrix, base),

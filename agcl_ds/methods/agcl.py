@@ -1,0 +1,100 @@
+"""`agcl`: attribution-guided gating (AGFT, arXiv 2605.05285).
+
+After task τ is trained, the LRP importance R_τ of every parameter element is estimated on samples
+of τ (agcl_ds.attribution) and folded into the running element-wise maximum R̄ (the importance
+store, 2 bytes per parameter split over the ranks). While every later task trains, each update is
+scaled by s = 1 − α·R̄ (agcl_ds.gate). The first task trains ungated (R̄ = 0).
+
+Importance comes from the continual model right after task τ (default: no extra training), or, as
+in the paper, from a single-task model: the base model fine-tuned on τ alone with the same
+settings — one extra fine-tune per task, and a second engine alive while it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from agcl_ds.attribution import AttributionOptions, attribute
+from agcl_ds.gate import Gate, attach_gate
+from agcl_ds.importance.partition import flat_layout, local_shards
+from agcl_ds.importance.store import ImportanceStore
+from agcl_ds.methods.base import Method
+
+if TYPE_CHECKING:
+    from agcl_ds.data.tasks import Task
+    from agcl_ds.loop import RunContext
+
+
+@dataclass
+class AgclOptions:
+    gate_on: Literal["auto", "grad", "update"] = "auto"  # auto: update under Adam-type optimizers
+    alpha: float = 1.0  # s = 1 - alpha * R̄
+    importance_from: Literal["continual", "single_task"] = "continual"
+    attribution: AttributionOptions = field(default_factory=AttributionOptions)
+
+
+class Agcl(Method):
+    name = "agcl"
+    Options = AgclOptions
+
+    def __init__(self, options: AgclOptions) -> None:
+        super().__init__(options)
+        self.store: ImportanceStore | None = None
+        self.gate: Gate | None = None
+
+    def setup(self, ctx: RunContext) -> None:
+        meta = {"rules": self.options.attribution.variant, "attribution": asdict(self.options.attribution),
+                "importance_from": self.options.importance_from}
+        self.store = ImportanceStore.for_engine(ctx.engine, meta=meta)
+        self.device = flat_layout(ctx.engine).device
+        self.gate = attach_gate(ctx.engine, None, gate_on=self.options.gate_on, alpha=self.options.alpha)
+        ctx.log.event("gate", mode=self.gate.mode, alpha=self.options.alpha)
+
+    def before_task(self, ctx: RunContext, index: int, task: Task) -> None:
+        has_importance = index > 0 and bool(self.store.tasks)
+        self.gate.set_importance(self.store.rbar if has_importance else None)
+
+    def after_task(self, ctx: RunContext, index: int, task: Task) -> None:
+        if index == len(ctx.tasks) - 1:
+            return  # no later task to protect
+        self.gate.set_importance(None)
+        if self.options.importance_from == "continual":
+            importance, n = self._attribute(ctx, ctx.engine, task)
+        else:
+            importance, n = self._single_task_importance(ctx, index, task)
+        self.store.add_task(task.name, importance)
+        share = sum(float(v.float().sum()) for v in importance.values())
+        total = sum(v.numel() for v in importance.values())
+        ctx.log.event("importance", task=task.name, samples=n, mean=share / max(1, total))
+        ctx.log.print(f"importance of {task.name}: {n} samples explained; mean importance on rank 0 "
+                      f"{share / max(1, total):.3f}")
+        if n == 0:
+            ctx.log.print(f"warning: no sample of {task.name} was answered correctly; its importance is zero")
+
+    def _attribute(self, ctx: RunContext, engine, task: Task):
+        return attribute(engine, ctx.tokenizer, task.train, self.options.attribution, ctx.cfg.data.max_seq_len,
+                         seed=ctx.cfg.seed)
+
+    def _single_task_importance(self, ctx: RunContext, index: int, task: Task):
+        """Fine-tune a fresh copy of the base on this task alone, explain it, and free it."""
+        from agcl_ds.loop import build_engine, train_task
+        from agcl_ds.models import load_model
+
+        loaded = load_model(ctx.cfg, ctx.ds_config, path_override=ctx.base_dir)
+        engine = build_engine(loaded, ctx.ds_config)
+        if local_shards(engine) != self.store.specs:
+            raise RuntimeError("single-task engine is partitioned differently from the continual engine")
+        train_task(engine, ctx.tokenizer, task.train, index, steps=ctx.cfg.training.steps_per_task,
+                   lr=ctx.cfg.training.lr, cfg=ctx.cfg, log=ctx.log, desc=f"[agcl] single-task {task.name}")
+        try:
+            return self._attribute(ctx, engine, task)
+        finally:
+            engine.destroy()
+
+    def save(self, folder: str) -> None:
+        self.store.save(folder)
+
+    def load(self, folder: str) -> None:
+        self.store = ImportanceStore.load(folder, self.store.specs, device=self.device,
+                                          zero_stage=self.store.zero_stage)
