@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(RUN_ENV) $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py --ds ds_configs/zero3.json --config configs/demo.yaml method.name=seq
-	$(BIN)/agcl report runs/demo/seq/results.json
+	for method in seq agcl; do \
+	  $(RUN_ENV) $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py --ds ds_configs/zero3.json \
+	    --config configs/demo.yaml method.name=$$method || exit 1; \
+	done
+	$(BIN)/agcl report runs/demo/seq/results.json runs/demo/agcl/results.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check agcl_ds tests launch benchmarks

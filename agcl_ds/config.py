@@ -72,7 +72,7 @@ class SyntheticConfig:
 class DataConfig:
     source: Literal["synthetic", "cl_benchmark", "trace", "jsonl"] = "synthetic"
     path: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["dec", "rot2inc", "add2", "swap"])
+    tasks: list[str] = field(default_factory=lambda: ["dec", "add3", "mul3", "neg"])
     max_train: int | None = None  # per task; None keeps everything
     max_test: int | None = None
     max_seq_len: int = 256
@@ -96,6 +96,7 @@ class TrainingConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_clipping: float = 0.0
+    reset_optimizer: bool = True  # fresh optimizer moments at every task start (each task a new fine-tune)
 
 
 @dataclass

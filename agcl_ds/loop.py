@@ -93,6 +93,23 @@ def build_engine(loaded: LoadedModel, ds_config: dict[str, Any]):
     return engine
 
 
+@torch.no_grad()
+def reset_optimizer_state(engine) -> None:
+    """Zero the inner optimizer's moments and step counts in place (every rank, its own partition).
+
+    Adam's second moment from a converged task is tiny, so carrying it into a new task turns the
+    first updates into several times the learning rate; each task is treated as a fresh fine-tune.
+    The state keeps its structure, so DeepSpeed's checkpoints and offload see the same tensors.
+    """
+    from agcl_ds.importance.partition import inner_optimizers
+
+    for opt in inner_optimizers(engine):
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+
 def _to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     dev = D.device()
     return {k: v.to(dev) for k, v in batch.items()}
@@ -301,6 +318,9 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     try:
         for i in range(first_task, len(tasks)):
             task = tasks[i]
+            resuming_mid_task = i == first_task and first_step > 0
+            if cfg.training.reset_optimizer and not resuming_mid_task:
+                reset_optimizer_state(engine)
             method.before_task(ctx, i, task)
 
             def after_step(done: int, i: int = i) -> None:
@@ -311,7 +331,8 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
                 if every and done % every == 0 and done < cfg.training.steps_per_task:
                     checkpoint.save(ckpt_root, engine, method, position(i, done), cfg.checkpoint.keep)
 
-            train_task(engine, tok, task.train, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr,
+            examples = method.training_examples(ctx, i, task)
+            train_task(engine, tok, examples, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr,
                        cfg=cfg, log=log, desc=f"[{cfg.method.name}] task {i + 1}/{len(tasks)} {task.name}",
                        method=method, ctx=ctx, start=first_step if i == first_task else 0, after_step=after_step)
             row = evaluator.evaluate_all(tasks)

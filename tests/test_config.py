@@ -17,7 +17,7 @@ def test_demo_config_loads():
     cfg = load_config("configs/demo.yaml")
     assert cfg.model.from_config.arch == "llama"
     assert cfg.model.tokenizer == "byte"  # from_config models get the built-in tokenizer
-    assert cfg.data.tasks == ["dec", "rot2inc", "add2", "swap"]
+    assert cfg.data.tasks == ["dec", "add3", "mul3", "neg"]
     assert cfg.run_dir() == "runs/demo/seq"
 
 

@@ -10,6 +10,7 @@ from agcl_ds.methods.base import Method
 METHODS: dict[str, str] = {
     "seq": "agcl_ds.methods.seq:Seq",
     "agcl": "agcl_ds.methods.agcl:Agcl",
+    "replay": "agcl_ds.methods.replay:Replay",
 }
 
 

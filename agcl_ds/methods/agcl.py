@@ -16,12 +16,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from agcl_ds.attribution import AttributionOptions, attribute
+from agcl_ds.config import ConfigError
 from agcl_ds.gate import Gate, attach_gate
 from agcl_ds.importance.partition import flat_layout, local_shards
 from agcl_ds.importance.store import ImportanceStore
+from agcl_ds.lrp.rules import SUPPORTED, check_supported
 from agcl_ds.methods.base import Method
+from agcl_ds.models import ModelError, model_type
 
 if TYPE_CHECKING:
+    from agcl_ds.config import ExperimentConfig
     from agcl_ds.data.tasks import Task
     from agcl_ds.loop import RunContext
 
@@ -43,7 +47,18 @@ class Agcl(Method):
         self.store: ImportanceStore | None = None
         self.gate: Gate | None = None
 
+    def check(self, cfg: ExperimentConfig) -> None:
+        """The LRP rules exist per architecture: an uncovered one would fail only after task 1."""
+        kind = model_type(cfg.model)
+        if kind is not None and kind not in SUPPORTED:
+            raise ConfigError(f"method.name: agcl's LRP rules do not cover model_type {kind!r} of model.path "
+                              f"{cfg.model.path!r} (supported: {', '.join(SUPPORTED)})")
+
     def setup(self, ctx: RunContext) -> None:
+        try:  # a GGUF model's type is known only now
+            check_supported(ctx.engine.module)
+        except ValueError as e:
+            raise ModelError(f"method agcl: {e}") from None
         meta = {"rules": self.options.attribution.variant, "attribution": asdict(self.options.attribution),
                 "importance_from": self.options.importance_from}
         self.store = ImportanceStore.for_engine(ctx.engine, meta=meta)

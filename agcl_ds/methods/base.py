@@ -4,6 +4,7 @@ A continual-learning method is one file with one subclass of `Method`. The loop 
 task in order:
 
     before_task(ctx, index, task)
+    training_examples(ctx, index, task)    # what the task trains on (default: task.train)
       for every micro-batch:   loss = model loss + loss_term(ctx, batch, outputs)
       at every accumulation boundary, after backward, before the optimizer step:
                                before_step(ctx)          # gradients are partitioned here
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from agcl_ds.data.tasks import Task
+    from agcl_ds.config import ExperimentConfig
+    from agcl_ds.data.tasks import Example, Task
     from agcl_ds.loop import RunContext
 
 
@@ -39,11 +41,19 @@ class Method:
     def __init__(self, options: Any) -> None:
         self.options = options
 
+    def check(self, cfg: ExperimentConfig) -> None:
+        """Before any rank starts: refuse, with a one-line ConfigError, a config this method cannot
+        run (so the mistake costs a second, not a model load)."""
+
     def setup(self, ctx: RunContext) -> None:
         """Once, after the engine exists and before the first task."""
 
     def before_task(self, ctx: RunContext, index: int, task: Task) -> None:
         """Before training task `index`."""
+
+    def training_examples(self, ctx: RunContext, index: int, task: Task) -> list[Example]:
+        """The examples task `index` trains on (replay mixes stored ones in); same on every rank."""
+        return task.train
 
     def loss_term(self, ctx: RunContext, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
         """An extra term added to the model's loss for this micro-batch (e.g. a penalty)."""
