@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def run_one(seed: int, method: str, extra: list[str], out: str, nproc: int) -> d
         "grad": ["method.options={gate_on: grad}"],
         "rank": ["method.options={attribution: {normalize: rank}}"],
         "half": ["method.options={alpha: 0.5}"],
+        "top50": ["method.options={attribution: {top_frac: 0.5}}"],
     }
     tag = method.replace(":", "-")
     run_out = os.path.join(out, f"seed{seed}", tag)
@@ -35,7 +37,11 @@ def run_one(seed: int, method: str, extra: list[str], out: str, nproc: int) -> d
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
         bindir = os.path.dirname(sys.executable)
-        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "launch/train.py", "--ds",
+        with socket.socket() as sock:  # a free port: other jobs on the machine may hold 29500
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+               "launch/train.py", "--ds",
                "ds_configs/zero3.json", "--config", "configs/demo.yaml", f"seed={seed}", f"method.name={name}",
                f"output.dir={run_out}", "logging.progress=false", *variants.get(options, []), *extra]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
