@@ -15,6 +15,7 @@ absolute value is taken.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from agcl_ds.lrp.rules import lrp_rules
 class AttributionOptions:
     """How importance is estimated (defaults: the paper's recipe, top-20% binarised)."""
 
+    source: Literal["lrp", "grad_x_weight", "random"] = "lrp"  # the last two are ablations / controls
     variant: Literal["attnlrp", "cplrp"] = "attnlrp"
     target: Literal["predicted", "gold"] = "predicted"  # which next-token logit is explained
     positions: Literal["all", "first"] = "all"  # sum over answer positions, or the first one only
@@ -80,7 +82,7 @@ class _Router:
         n_kept = abs_r.shape[0]
         row = math.prod(abs_r.shape[2:])
         lo, hi = row_start * row, (row_start + abs_r.shape[1]) * row
-        values = self.scale[name](abs_r.reshape(n_kept, -1).float())  # [n_kept, hi - lo]
+        values = self.scale[name](abs_r.reshape(n_kept, hi - lo).float())  # n_kept may be 0
         pieces = []
         for start, end in self.ranges[name]:
             a, b = max(start, lo), min(end, hi)
@@ -139,6 +141,14 @@ class _Router:
         return out
 
 
+def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, seed: int) -> dict[str, torch.Tensor]:
+    """The control: uniform random scores through the same normalisation (same sparsity as `lrp`)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + D.rank())
+    reduce = dist_reduce() if dist.is_initialized() and D.world_size() > 1 else local_reduce
+    return {name: normalize(torch.rand(specs[name].numel, generator=gen).to(D.device()), opts.normalize,
+                            opts.top_frac, reduce=reduce) for name in sorted(specs)}
+
+
 def pick_samples(examples: list[Example], n: int, seed: int) -> list[Example]:
     """A seeded subset of the task's training examples (never its test set)."""
     idx = list(range(len(examples)))
@@ -154,13 +164,16 @@ def attribute(engine, tok: Tokenizer, examples: list[Example], opts: Attribution
     (over all ranks) whose relevance entered the aggregate.
     """
     specs = local_shards(engine)
+    if opts.source == "random":
+        return _random_importance(specs, opts, seed), 0
     samples = pick_samples(examples, opts.n_samples, seed)
     mine = samples[D.rank()::D.world_size()]
     n_batches = math.ceil(len(samples) / (D.world_size() * opts.micro_batch_size))
     router = _Router(specs, opts, opts.micro_batch_size, D.device())
     module = engine.module
     was_training = module.training
-    with lrp_rules(module, variant=opts.variant), PerSampleRelevance(module, router) as hooks:
+    rules = lrp_rules(module, variant=opts.variant) if opts.source == "lrp" else contextlib.nullcontext()
+    with rules, PerSampleRelevance(module, router) as hooks:
         for b in range(n_batches):
             chunk = mine[b * opts.micro_batch_size:(b + 1) * opts.micro_batch_size] or mine[:1] or samples[:1]
             batch = {k: v.to(D.device()) for k, v in collate(tok, chunk, max_len).items()}

@@ -29,6 +29,8 @@ def run_one(seed: int, method: str, extra: list[str], out: str, nproc: int) -> d
         "rank": ["method.options={attribution: {normalize: rank}}"],
         "half": ["method.options={alpha: 0.5}"],
         "top50": ["method.options={attribution: {top_frac: 0.5}}"],
+        "random": ["method.options={attribution: {source: random}}"],
+        "gradxw": ["method.options={attribution: {source: grad_x_weight}}"],
     }
     tag = method.replace(":", "-")
     run_out = os.path.join(out, f"seed{seed}", tag)

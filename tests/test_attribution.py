@@ -13,7 +13,7 @@ TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size
         "data.synthetic.n_digits=4", "data.max_seq_len=16"]
 
 
-def _body(tmp, ds_name, folder, aggregate):
+def _body(tmp, ds_name, folder, aggregate, source="lrp"):
     from agcl_ds.importance.partition import gather_full, local_shards
     from agcl_ds.loop import build_engine
     from agcl_ds.models import load_model
@@ -26,7 +26,7 @@ def _body(tmp, ds_name, folder, aggregate):
     task = synthetic.make_tasks(["dec"], cfg.data.synthetic)[0]
     world = torch.distributed.get_world_size()
     opts = AttributionOptions(only_correct=False, n_samples=12, micro_batch_size=6 // world, aggregate=aggregate,
-                              normalize="minmax", k=4)
+                              normalize="minmax" if source != "random" else "topk", k=4, source=source)
     local, n = attribute(engine, loaded.tokenizer, task.train, opts, cfg.data.max_seq_len)
     specs = local_shards(engine)
     assert local.keys() == specs.keys()
@@ -60,3 +60,15 @@ def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate):
         assert 0.0 <= float(got.min()) and float(got.max()) <= 1.0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
     assert sum(float(v.sum()) for v in full.values()) > 0
+
+
+@pytest.mark.slow
+def test_ablation_sources(folder, tmp_path):
+    """grad x weight (no LRP rules) ranks elements differently; random gives exactly the top fraction."""
+    lrp = run_ranks(_body, "zero0", folder, "topk", "lrp", world=1, tmp=str(tmp_path / "a"))[0]["full"]
+    gxw = run_ranks(_body, "zero0", folder, "topk", "grad_x_weight", world=1, tmp=str(tmp_path / "b"))[0]["full"]
+    rnd = run_ranks(_body, "zero0", folder, "topk", "random", world=1, tmp=str(tmp_path / "c"))[0]["full"]
+    name = "model.layers.0.self_attn.q_proj.weight"  # the attention rule changes q's relevance
+    assert not torch.allclose(lrp[name], gxw[name])
+    for t in rnd.values():
+        assert set(t.unique().tolist()) <= {0.0, 1.0} and abs(float(t.mean()) - 0.2) < 0.02
