@@ -1,0 +1,312 @@
+"""Attribution cost: the `attribute(...)` pass vs a plain forward + backward on the same samples.
+
+ZeRO-3 on 2 CPU ranks (gloo, spawned here), a tiny and a ~50M-parameter Llama (random weights, AdamW
+engine as in ds_configs/zero3.json). One *pass* covers `--samples` examples (over both ranks) in
+micro-batches of `--micro-batch` per rank, exactly the batches `attribute` builds (`pick_samples`, rank
+slices, `collate`):
+
+- plain:  `engine(**batch).loss` + `engine.backward(loss)` per micro-batch, no optimizer step (the grads
+          are zeroed outside the timed region), i.e. what a training step costs minus `engine.step()`;
+- topk:   `attribute(..., only_correct=False)` with the default options (top-K mean, K=8, top-20% masks);
+- power:  the same with `aggregate="power"` (sum-reducible power mean, reduce-scatter-sized traffic).
+
+The three passes alternate within each repetition; a row is the median over repetitions. The stage
+breakdown comes from timers wrapped around agcl_ds's own methods in this process (nothing in agcl_ds
+changes); all_to_all includes waiting for the other rank. Peak RSS per rank is the kernel's high-water
+mark (VmHWM), reset before each pass through /proc/self/clear_refs. The last line is the top-K ratio of
+the 50M model (full run) or of the reduced 50M model (--quick).
+
+    python benchmarks/bench_attribution.py --quick      # < 2 minutes
+    python benchmarks/bench_attribution.py              # tiny + 50M at the default attribution settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
+    "tiny": (64, 2, 4, 2, 128, 1000, 32),
+    "50M": (512, 8, 8, 4, 1024, 32000, 128),
+}
+ANSWER_TOKENS = 8
+STAGES = ("run", "backward_hook", "emit", "route", "log_scale", "all_to_all", "counts", "topk_update",
+          "power_partial", "normalize")
+
+
+class IdTokenizer:
+    """Token ids written as text ("17 2033 5"): samples of an exact length spread over the whole vocab."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, prompt: bool) -> list[int]:
+        ids = [int(w) for w in text.split()]
+        return [self.bos_id, *ids] if prompt else ids
+
+
+def make_examples(n: int, seq: int, vocab: int, seed: int = 0) -> list:
+    """n random examples of exactly `seq` tokens (bos + prompt + answer + eos), answer = last 8 + eos."""
+    from agcl_ds.data.tasks import Example
+
+    rng = random.Random(seed)
+    words = lambda k: " ".join(str(rng.randrange(3, vocab)) for _ in range(k))
+    return [Example(words(seq - ANSWER_TOKENS - 2), words(ANSWER_TOKENS)) for _ in range(n)]
+
+
+class Clock:
+    """Seconds spent inside wrapped methods, by stage (nested stages are each counted in full)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def wrap(self, owner: type, attr: str, stage: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = dict(self.seconds), collections.defaultdict(float)
+        return out
+
+
+def instrument(clock: Clock) -> None:
+    from agcl_ds import attribution
+    from agcl_ds.importance.aggregate import LogScale, PowerMean
+    from agcl_ds.lrp.relevance import PerSampleRelevance
+
+    for owner, attr, stage in [
+        (PerSampleRelevance, "run", "run"),  # model forward + LRP backward incl. ZeRO gathers and hooks
+        (PerSampleRelevance, "_backward", "backward_hook"),  # per-module hook, contains emit
+        (PerSampleRelevance, "_emit", "emit"),  # per-sample G_b, |W ⊙ G_b|, contains route
+        (attribution._Router, "__call__", "route"),  # log scale + exchange + aggregate
+        (LogScale, "__call__", "log_scale"),
+        (attribution._Router, "_exchange", "all_to_all"),
+        (attribution._Router, "_counts", "counts"),
+        (attribution._Router, "_update", "topk_update"),
+        (PowerMean, "partial", "power_partial"),
+        (attribution._Router, "result", "normalize"),
+    ]:
+        clock.wrap(owner, attr, stage)
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def build(model: str, micro_batch: int, dtype: str):
+    import deepspeed
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hidden, layers, heads, kv, inter, vocab, seq = MODELS[model]
+    cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+           "steps_per_print": 10**9, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    keep = HfDeepSpeedConfig(cfg)
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(256, seq),
+                       tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model_ = AutoModelForCausalLM.from_config(mcfg)
+    engine, *_ = deepspeed.initialize(model=model_, config=cfg, model_parameters=model_.parameters())
+    engine._hf_ds_config = keep
+    return engine
+
+
+def plain_batches(tok: IdTokenizer, examples: list, opts, seq: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of an attribution pass, as `attribute` builds them."""
+    from agcl_ds import distributed as D
+    from agcl_ds.attribution import pick_samples
+    from agcl_ds.data.collate import collate
+
+    mine = pick_samples(examples, opts.n_samples, seed=0)[D.rank()::D.world_size()]
+    mb = opts.micro_batch_size
+    return [collate(tok, mine[i:i + mb], seq) for i in range(0, len(mine), mb)]
+
+
+def timed_pass(fn, clock: Clock) -> tuple[float, float, dict[str, float]]:
+    """(seconds, peak RSS MiB, stage seconds) of one pass, started together on every rank."""
+    torch.distributed.barrier()
+    clock.take()
+    reset_peak()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return dt, peak_rss_mib(), clock.take()
+
+
+def measure(model: str, args: argparse.Namespace, clock: Clock) -> dict:
+    """This rank's timings of `args.reps` alternating plain / top-K / power passes on one model."""
+    from agcl_ds.attribution import AttributionOptions, attribute
+    from agcl_ds.importance.partition import local_shards
+
+    vocab = MODELS[model][5]
+    seq = args.seq or MODELS[model][6]
+    reset_peak()
+    engine = build(model, args.micro_batch, args.dtype)
+    built_mib = peak_rss_mib()
+    specs = local_shards(engine)
+    tok = IdTokenizer(vocab)
+    examples = make_examples(max(4 * args.samples, 64), seq, vocab)
+    topk = AttributionOptions(only_correct=False, n_samples=args.samples, micro_batch_size=args.micro_batch)
+    power = replace(topk, aggregate="power")
+    batches = plain_batches(tok, examples, topk, seq)
+
+    def plain() -> None:
+        for batch in batches:
+            engine.backward(engine(**batch).loss)
+
+    passes = {"plain": plain,
+              "topk": lambda: attribute(engine, tok, examples, topk, seq),
+              "power": lambda: attribute(engine, tok, examples, power, seq)}
+    engine.backward(engine(**batches[0]).loss)  # warm-up: ZeRO-3 traces its gather order on the first pass
+    engine.optimizer.zero_grad()
+    runs: dict[str, list] = {k: [] for k in passes}
+    for _ in range(args.reps):
+        for name, fn in passes.items():
+            runs[name].append(timed_pass(fn, clock))
+            engine.optimizer.zero_grad()
+    engine.destroy()
+    return {"model": model, "params": sum(s.full_numel for s in specs.values()),
+            "owned": sum(s.numel for s in specs.values()), "seq": seq, "built_mib": built_mib, "runs": runs,
+            "k": topk.k, "samples": args.samples, "micro_batch": args.micro_batch}
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
+    sys.path.insert(0, ROOT)
+    from agcl_ds.distributed import join_local_group
+
+    join_local_group(rank, world, port)
+
+    clock = Clock()
+    instrument(clock)
+    rows = [measure(model, args, clock) for model in args.models]
+    queue.put((rank, rows))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def summarise(per_rank: list[list[dict]]) -> list[dict]:
+    """Medians over repetitions; times are the max over ranks (a pass ends when the slower rank ends),
+    stages the mean over ranks, peak RSS the max over ranks."""
+    out = []
+    for rows in zip(*per_rank, strict=True):
+        row = dict(rows[0])
+        row["time"], row["peak"], row["stages"] = {}, {}, {}
+        for name in rows[0]["runs"]:
+            reps = list(zip(*(r["runs"][name] for r in rows), strict=True))  # per repetition: every rank
+            row["time"][name] = statistics.median(max(t for t, _, _ in rep) for rep in reps)
+            row["peak"][name] = max(p for rep in reps for _, p, _ in rep)
+            row["stages"][name] = {s: statistics.median(statistics.fmean(st.get(s, 0.0) for _, _, st in rep)
+                                                        for rep in reps) for s in STAGES}
+        row["built_mib"] = max(r["built_mib"] for r in rows)
+        out.append(row)
+    return out
+
+
+def breakdown(st: dict[str, float]) -> dict[str, float]:
+    """Exclusive seconds per stage from the nested timers."""
+    return {
+        "LRP fwd+bwd": st["run"] - st["backward_hook"],
+        "hooks: G_b, |W⊙G_b|": st["backward_hook"] - st["route"],
+        "log-scale": st["log_scale"],
+        "all_to_all": st["all_to_all"] + st["counts"],
+        "top-K update": st["topk_update"],
+        "power partial": st["power_partial"],
+        "route other": st["route"] - st["log_scale"] - st["all_to_all"] - st["counts"] - st["topk_update"]
+        - st["power_partial"],
+        "normalise": st["normalize"],
+    }
+
+
+def print_report(rows: list[dict], args: argparse.Namespace, wall: float) -> None:
+    print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), {args.dtype}, {args.samples} samples per pass "
+          f"({args.micro_batch} per rank per micro-batch), attribution only_correct=False, K=8, top-20% masks; "
+          f"median of {args.reps}; wall {wall:.0f} s")
+    print(f"{'model':>6} {'params':>11} {'seq':>4} {'pass':>6} {'s/pass':>8} {'x plain':>8} "
+          f"{'peak RSS MiB/rank':>17}")
+    for r in rows:
+        for name, t in r["time"].items():
+            print(f"{r['model']:>6} {r['params']:>11,} {r['seq']:>4} {name:>6} {t:>8.2f} "
+                  f"{t / r['time']['plain']:>7.2f}x {r['peak'][name]:>17.0f}")
+    print("\nwhere the attribution time goes (s per pass, mean over ranks; all_to_all includes waiting):")
+    for r in rows:
+        for name in ("topk", "power"):
+            parts = breakdown(r["stages"][name])
+            share = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if abs(v) >= 0.005)
+            print(f"  {r['model']:>5} {name:>5}: {share}")
+    print("\npeak RSS per rank (MiB): the attribution's extra over plain is its top-K buffer plus the copies of")
+    print("one relevance block along hook -> log-scale -> pad/cat -> all_to_all -> cat -> top-K (each block-sized):")
+    for r in rows:
+        topk_buf = r["k"] * r["owned"] * 4
+        block = min(1 << 26, r["micro_batch"] * MODELS[r["model"]][5] * MODELS[r["model"]][0]) * 4
+        pk = r["peak"]
+        print(f"  {r['model']:>5}: engine built {r['built_mib']:.0f}; plain {pk['plain']:.0f}; topk {pk['topk']:.0f} "
+              f"(+{pk['topk'] - pk['plain']:.0f}); power {pk['power']:.0f} (+{pk['power'] - pk['plain']:.0f}); "
+              f"top-K buffer (K x owned x fp32) {topk_buf / 2**20:.0f}; largest block {block / 2**20:.0f}")
+    last = rows[-1]
+    which = "reduced 50M (--quick)" if args.quick and last["model"] == "50M" else last["model"]
+    print(f"\nlast line: ZeRO-3 {which} model, top-K attribution pass over plain forward+backward")
+    print(f"attribution/fwd+bwd = {last['time']['topk'] / last['time']['plain']:.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="both models, fewer and shorter samples (< 2 minutes)")
+    p.add_argument("--samples", type=int, default=64, help="samples per pass over both ranks (attribution default)")
+    p.add_argument("--micro-batch", type=int, default=8, help="per rank (attribution default)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: tiny 32, 50M 128)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions of each pass (median)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    args = p.parse_args()
+    if args.quick:
+        args.samples, args.micro_batch, args.seq, args.reps = 8, 4, 32, 1
+    if args.samples % (2 * args.micro_batch):
+        p.error(f"--samples must be a multiple of 2 x --micro-batch ({2 * args.micro_batch})")
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    from agcl_ds.distributed import free_port
+
+    t0 = time.perf_counter()
+    mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
+    per_rank = dict(queue.get() for _ in range(2))
+    print_report(summarise([per_rank[0], per_rank[1]]), args, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
