@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,10 +109,12 @@ def _save_rng(folder: str) -> None:
     save_file(state, os.path.join(folder, "rng", f"rank{D.rank()}.safetensors"))
 
 
-def _load_rng(folder: str) -> None:
+def _load_rng(folder: str, saved_world: int) -> None:
+    """This rank's generators; a rank the checkpoint did not have (more ranks now) takes rank
+    r mod saved-world's state (only dropout-like randomness uses it: the data order is stateless)."""
     from safetensors.torch import load_file
 
-    path = os.path.join(folder, "rng", f"rank{D.rank()}.safetensors")
+    path = os.path.join(folder, "rng", f"rank{D.rank() % max(1, saved_world)}.safetensors")
     state = load_file(path)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -186,31 +189,95 @@ def read_position(folder: str) -> Position:
 
 
 def find_valid(root: str) -> tuple[str, Position] | None:
-    """The newest checkpoint whose files all match their checksums; warns about each one skipped."""
+    """The newest checkpoint whose files all match their checksums; warns about each one skipped.
+
+    When none is usable the one error names the newest's defect (no warnings before it: the
+    user gets one line)."""
     found = candidates(root)
+    skipped: list[tuple[str, str]] = []
     for folder in found:
         reason = _verify(folder)
         if reason is None:
+            if D.is_main():
+                for bad, why in skipped:
+                    print(f"agcl: warning: checkpoint {bad} is unusable ({why}); trying the previous one",
+                          file=sys.stderr, flush=True)
             return folder, read_position(folder)
-        if D.is_main():
-            print(f"agcl: warning: checkpoint {folder} is unusable ({reason}); trying the previous one",
-                  file=sys.stderr, flush=True)
+        skipped.append((folder, reason))
     if found:
-        raise CheckpointError(f"{root}: no checkpoint passes its checksums; move the folder away to start over")
+        newest, why = skipped[0]
+        raise CheckpointError(f"{root}: no checkpoint passes its checksums (newest, {os.path.basename(newest)}: "
+                              f"{why}); move the folder away to start over")
     return None
 
 
-def load(folder: str, engine, method) -> None:
-    """Restore engine, method and RNG state from a verified checkpoint folder (collective)."""
+def universal_command(folder: str, out: str) -> str:
+    """The DeepSpeed command that turns a ZeRO checkpoint into one any world size can load."""
+    return f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {folder} --output_folder {out}"
+
+
+def _to_universal(folder: str) -> str:
+    """Convert `folder` into DeepSpeed's universal format (rank 0, once) beside it, in
+    `<root>/.universal-<tag>/<tag>` (a dot name: never taken for a checkpoint); return that root.
+
+    Universal checkpoints hold every parameter's fp32 master and Adam moments whole, so ZeRO can
+    cut them for any number of ranks. The conversion runs DeepSpeed's own tool in a child process
+    (it forks workers and prints progress); the folder goes away again after loading."""
     root, tag = os.path.split(folder)
+    uroot = os.path.join(root, f".universal-{tag}")
+    error = None
+    if D.is_main():
+        shutil.rmtree(uroot, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+               "--output_folder", os.path.join(uroot, tag), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            error = (f"{folder}: converting to DeepSpeed's universal format failed ({last}); run "
+                     f"`{universal_command(folder, os.path.join(uroot, tag))}` to see why")
+            shutil.rmtree(uroot, ignore_errors=True)
+    error = D.broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
+    return uroot
+
+
+def load(folder: str, engine, method) -> None:
+    """Restore method, engine and RNG state from a verified checkpoint folder (collective).
+
+    The method state goes first: it is small and checks which model it belongs to (the importance
+    store's fingerprint), so a forced resume onto another model fails in one line before DeepSpeed
+    reads gigabytes. A checkpoint written by another number of ranks is loaded through DeepSpeed's
+    universal format (ZeRO-1/2/3: the optimizer partitions depend on the world size); the method
+    state re-partitions itself (`ImportanceStore.load`)."""
+    saved_world = read_position(folder).world_size
+    try:
+        method.load(folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{folder}: method state does not fit this run: {str(e).splitlines()[0]}") from None
+    root, tag = os.path.split(folder)
+    universal = saved_world != D.world_size() and engine.zero_optimization_stage() > 0
+    if universal:
+        if D.is_main():
+            print(f"agcl: {folder} was saved by {saved_world} rank(s), this run has {D.world_size()}: loading it "
+                  f"through DeepSpeed's universal checkpoint format", flush=True)
+        root = _to_universal(folder)
+        engine._config.load_universal_checkpoint = True  # read per call by engine.load_checkpoint
     try:
         path, _ = engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
     except Exception as e:  # DeepSpeed raises a bare exception for a different data-parallel size
         if "world size" in str(e).lower():
-            raise CheckpointError(f"{folder}: saved with another data-parallel world size ({str(e).splitlines()[0]}); "
-                                  f"resume with the same number of ranks") from None
+            out = os.path.join(os.path.dirname(folder), f".universal-{tag}", tag)
+            raise CheckpointError(f"{folder}: saved with another data-parallel world size "
+                                  f"({str(e).splitlines()[0]}); resume with {saved_world} ranks, or convert it with "
+                                  f"`{universal_command(folder, out)}` and load that") from None
         raise
+    finally:
+        if universal:
+            engine._config.load_universal_checkpoint = False
+            D.barrier()
+            if D.is_main():
+                shutil.rmtree(root, ignore_errors=True)
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
-    method.load(folder)
-    _load_rng(folder)
+    _load_rng(folder, saved_world)

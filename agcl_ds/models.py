@@ -59,6 +59,22 @@ def check_source(cfg) -> None:
         raise ModelError(f"model.path: {cfg.path!r} has no config.json (not a Hugging Face model folder)")
 
 
+def model_type(cfg) -> str | None:
+    """The Hugging Face `model_type` of the configured model, read without loading it (None for a
+    GGUF file: known only after conversion), so methods can refuse an architecture up front."""
+    if cfg.from_config is not None:
+        return cfg.from_config.arch
+    if cfg.gguf_file:
+        return None
+    path = os.path.join(cfg.path, "config.json")
+    try:
+        with open(path) as f:
+            kind = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise ModelError(f"model.path: {path!r} is not a readable JSON object") from None
+    return kind if isinstance(kind, str) else None
+
+
 def build_tokenizer(cfg) -> Tokenizer:
     """cfg: agcl_ds.config.ModelConfig."""
     if cfg.tokenizer == "byte":
