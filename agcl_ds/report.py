@@ -91,3 +91,40 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{p}: cannot read results ({e})") from None
     return out
+
+
+def metric_bars(all_results: list[dict[str, Any]], path: str) -> None:
+    """OP, BWT and FWT of several runs as grouped bars (one colour per run), written atomically.
+
+    A metric that is undefined for a run (BWT/FWT of a one-task sequence) is left out and marked n/a."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["OP", "BWT", "FWT"]
+    labels = [r["method"] for r in all_results]
+    if len(set(labels)) < len(labels):  # the same method from several runs: add the experiment name
+        labels = [f"{r['method']} ({r['config']['name']})" for r in all_results]
+    n = len(all_results)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(2.2 + 1.4 * len(metrics) * max(1, n / 2), 3.8))
+    for i, (r, label) in enumerate(zip(all_results, labels, strict=True)):
+        xs = [m + (i - (n - 1) / 2) * width for m in range(len(metrics))]
+        values = [r[m] for m in metrics]
+        bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
+        for bar, v in zip(bars, values, strict=True):
+            y = bar.get_height() if v is not None else 0.0
+            ax.annotate("n/a" if v is None else f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, y),
+                        ha="center", va="bottom" if y >= 0 else "top", fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylabel("accuracy / difference")
+    ax.set_title("OP, BWT, FWT per run")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
