@@ -27,7 +27,15 @@ import torch.distributed as dist
 from agcl_ds import distributed as D
 from agcl_ds.data.collate import Tokenizer, collate
 from agcl_ds.data.tasks import Example
-from agcl_ds.importance.aggregate import LogScale, PowerMean, TopKMean, dist_reduce, local_reduce, normalize
+from agcl_ds.importance.aggregate import (
+    LogScale,
+    PowerMean,
+    TopKMean,
+    dist_reduce,
+    insert_sorted,
+    local_reduce,
+    normalize,
+)
 from agcl_ds.importance.partition import ShardSpec, local_shards
 from agcl_ds.lrp.relevance import PerSampleRelevance
 from agcl_ds.lrp.rules import lrp_rules
@@ -82,7 +90,7 @@ class _Router:
         n_kept = abs_r.shape[0]
         row = math.prod(abs_r.shape[2:])
         lo, hi = row_start * row, (row_start + abs_r.shape[1]) * row
-        values = self.scale[name](abs_r.reshape(n_kept, hi - lo).float())  # n_kept may be 0
+        values = self.scale[name].inplace(abs_r.reshape(n_kept, hi - lo).float())  # n_kept may be 0
         pieces = []
         for start, end in self.ranges[name]:
             a, b = max(start, lo), min(end, hi)
@@ -91,7 +99,8 @@ class _Router:
         a, b = max(spec.start, lo), min(spec.start + spec.numel, hi)
         own = (a - spec.start, max(0, b - a))
         if self.opts.aggregate == "topk":
-            received = self._exchange([torch.cat([p, p.new_zeros(self.batch - n_kept, p.shape[1])])
+            pad = self.batch - n_kept
+            received = self._exchange([torch.cat([p, p.new_zeros(pad, p.shape[1])]) if pad else p
                                        for p in pieces], own[1], self.batch)
             counts = self._counts(n_kept)
             rows = torch.cat([blk[:c] for blk, c in zip(received, counts, strict=True)])
@@ -123,10 +132,7 @@ class _Router:
         offset, length = own
         if length == 0 or rows.shape[0] == 0:
             return
-        agg: TopKMean = self.agg[name]
-        segment = agg.buf[:, offset:offset + length]
-        both = torch.cat([segment, rows.to(agg.buf.dtype)])
-        agg.buf[:, offset:offset + length] = both.topk(agg.k, dim=0, sorted=True).values
+        insert_sorted(self.agg[name].buf[:, offset:offset + length], rows)
 
     def result(self) -> dict[str, torch.Tensor]:
         total = int(D.all_sum([float(self.kept)])[0])

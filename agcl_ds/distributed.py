@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,7 +38,7 @@ def init_distributed(timeout_s: int = 1800) -> None:
         return
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a 1-rank group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     accel = deepspeed.get_accelerator()
     if accel.device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -47,6 +47,15 @@ def init_distributed(timeout_s: int = 1800) -> None:
         backend = accel.communication_backend_name()
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def join_local_group(rank: int, world: int, port: int) -> None:
+    """Make this process rank `rank` of a `world`-rank CPU group on this machine, as a launcher
+    would (tests and benchmarks spawn their own ranks): env:// variables, one thread, then init."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    init_distributed()
 
 
 def rank() -> int:

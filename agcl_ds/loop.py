@@ -242,6 +242,12 @@ def _diff(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> str |
 
 
 def _resume_point(cfg: ExperimentConfig, root: str, mode: str) -> tuple[str, checkpoint.Position] | None:
+    """The checkpoint to continue from, or None; refuses one whose results this config would change.
+
+    The world size may change (checkpoint.load re-partitions). What must stay is the global batch,
+    micro_batch_size x gradient_accumulation x world size: `BatchOrder` gives each optimizer step
+    the same examples for any split of that product, so e.g. 2 ranks x 8 resume as 1 rank x 16 or
+    1 rank x 8 x 2 accumulation steps."""
     if mode == "never":
         if checkpoint.candidates(root):
             raise checkpoint.CheckpointError(f"{root} holds checkpoints; resume with --resume auto, or move "
@@ -251,13 +257,22 @@ def _resume_point(cfg: ExperimentConfig, root: str, mode: str) -> tuple[str, che
     if found is None:
         return None
     folder, pos = found
-    changed = _diff(pos.config, cfg.resume_view())
+
+    def global_batch(view: dict[str, Any], world: int) -> dict[str, Any]:
+        t = dict(view.get("training", {}))
+        if "micro_batch_size" in t and "gradient_accumulation" in t:
+            t["micro_batch_size x gradient_accumulation x world size"] = (
+                t.pop("micro_batch_size") * t.pop("gradient_accumulation") * world)
+        return {**view, "training": t}
+
+    changed = _diff(global_batch(pos.config, pos.world_size), global_batch(cfg.resume_view(), D.world_size()))
     if changed and mode != "force":
-        raise checkpoint.CheckpointError(f"{folder}: the config changed since this checkpoint ({changed}); "
+        hint = ""
+        if "world size" in changed:
+            hint = (f" (saved by {pos.world_size} rank(s), this run has {D.world_size()}: keep the product by "
+                    f"setting training.micro_batch_size or training.gradient_accumulation)")
+        raise checkpoint.CheckpointError(f"{folder}: the config changed since this checkpoint ({changed}){hint}; "
                                          f"restore it, or pass --resume force")
-    if pos.world_size != D.world_size():
-        raise checkpoint.CheckpointError(f"{folder}: saved by {pos.world_size} ranks, this run has "
-                                         f"{D.world_size()}; resume with {pos.world_size} ranks")
     return found
 
 
@@ -332,14 +347,16 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
                     checkpoint.save(ckpt_root, engine, method, position(i, done), cfg.checkpoint.keep)
 
             examples = method.training_examples(ctx, i, task)
-            train_task(engine, tok, examples, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr,
+            task_start = time.time()
+            losses = train_task(engine, tok, examples, i, steps=cfg.training.steps_per_task, lr=cfg.training.lr,
                        cfg=cfg, log=log, desc=f"[{cfg.method.name}] task {i + 1}/{len(tasks)} {task.name}",
                        method=method, ctx=ctx, start=first_step if i == first_task else 0, after_step=after_step)
+            task_seconds = time.time() - task_start
             row = evaluator.evaluate_all(tasks)
             matrix.append(row)
             log.event("eval", after=task.name, accuracies=row)
-            log.print(f"after {task.name}: " + "  ".join(f"{t.name} {a:.3f}"
-                                                         for t, a in zip(tasks, row, strict=True)))
+            log.task_summary(task.name, matrix, [t.name for t in tasks], task_seconds,
+                             sum(losses) / len(losses) if losses else None)
             method.after_task(ctx, i, task)
             checkpoint.save(ckpt_root, engine, method, position(i + 1, 0), cfg.checkpoint.keep)
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -69,15 +68,13 @@ def _measure(engine, gate, seq: int, vocab: int, warmup: int, steps: int) -> tup
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
     sys.path.insert(0, ROOT)
-    from agcl_ds.distributed import init_distributed
+    from agcl_ds.distributed import join_local_group
+
+    join_local_group(rank, world, port)
     from agcl_ds.gate import Gate
     from agcl_ds.importance.partition import local_shards
 
-    init_distributed()
     rows = []
     for model in args.models:
         engine = _engine(model, args.dtype)
@@ -113,11 +110,10 @@ def main() -> None:
         args.steps, args.warmup = 5, 1
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from agcl_ds.distributed import free_port
+
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(2, port, args, queue), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
     rows = queue.get()
     print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), AdamW, {args.dtype}, micro-batch 2, "
           f"keep_snapshot={args.keep_snapshot}; medians; "
