@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import socket
 import sys
 import tempfile
 
@@ -18,23 +17,13 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, module: str, name: str, tmp: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
+    sys.path.insert(0, ROOT)
     import torch
 
-    torch.set_num_threads(1)
-    sys.path.insert(0, ROOT)
-    from agcl_ds.distributed import init_distributed
+    from agcl_ds.distributed import join_local_group
 
-    init_distributed()
+    join_local_group(rank, world, port)
     fn = getattr(importlib.import_module(module), name)
     out = fn(tmp, *args)
     with open(os.path.join(tmp, f".result{rank}.pkl"), "wb") as f:  # written by us, read by us
@@ -47,7 +36,9 @@ def run_ranks(fn, *args, world: int = 2, tmp: str | None = None) -> list:
     """Run `fn(tmp, *args)` on `world` spawned CPU ranks; return each rank's result."""
     tmp = tmp or tempfile.mkdtemp(prefix="agcl_dist_")
     os.makedirs(tmp, exist_ok=True)
-    mp.spawn(_worker, args=(world, _free_port(), fn.__module__, fn.__name__, tmp, args),
+    from agcl_ds.distributed import free_port
+
+    mp.spawn(_worker, args=(world, free_port(), fn.__module__, fn.__name__, tmp, args),
              nprocs=world, join=True)
     results = []
     for r in range(world):
