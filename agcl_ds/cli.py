@@ -274,9 +274,9 @@ def _fp32_state_dict(folder: str) -> dict[str, Any]:
 
         with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are not ours to show
             return get_fp32_state_dict_from_zero_checkpoint(root, tag, lazy_mode=True)
-    # the manifest matched, so this is the file our own save wrote
+    # the manifest matched (our own save wrote this file); tensors only all the same
     return torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
-                      weights_only=False)["module"]
+                      weights_only=True)["module"]
 
 
 def export_checkpoint(folder: str, out: str, dtype: str = "fp32") -> None:
