@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.config}: {e}") from None
     load_tasks(cfg)
     check_writable(cfg.run_dir())  # on every rank: each writes its checkpoint shards there
-    from agcl_ds.distributed import init_distributed
+    from agcl_ds.distributed import init_distributed, shutdown_distributed
     from agcl_ds.loop import Preempted, run
 
     init_distributed()
@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"agcl: preempted: {e}; exit {EXIT_REQUEUE} asks for a requeue", file=sys.stderr, flush=True)
+        shutdown_distributed()
         sys.exit(EXIT_REQUEUE)
+    shutdown_distributed()
 
 
 # --------------------------------------------------------------------------- checkpoints

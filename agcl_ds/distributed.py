@@ -58,6 +58,14 @@ def join_local_group(rank: int, world: int, port: int) -> None:
     init_distributed()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank that exits while gloo's threads still run can
+    abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

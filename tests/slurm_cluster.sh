@@ -12,6 +12,8 @@
 # start, so two clusters (or another user's) on the same machine do not collide.
 # Exit codes: 0 ok, 1 failure, 77 cannot run here (not root / no apt / install failed).
 set -euo pipefail
+# Debian installs the daemons in /usr/sbin, which a non-login environment may leave off PATH
+export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "[slurm_cluster] $*" >&2; }
 
