@@ -34,12 +34,9 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
+from _zero3 import MODELS, zero3_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
-    "tiny": (64, 2, 4, 2, 128, 1000, 32),
-    "50M": (512, 8, 8, 4, 1024, 32000, 128),
-}
 ANSWER_TOKENS = 8
 STAGES = ("run", "backward_hook", "emit", "route", "log_scale", "all_to_all", "counts", "topk_update",
           "power_partial", "normalize")
@@ -124,29 +121,6 @@ def peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def build(model: str, micro_batch: int, dtype: str):
-    import deepspeed
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hidden, layers, heads, kv, inter, vocab, seq = MODELS[model]
-    cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-           "steps_per_print": 10**9, "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True}},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    if dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    keep = HfDeepSpeedConfig(cfg)
-    torch.manual_seed(0)
-    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(256, seq),
-                       tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model_ = AutoModelForCausalLM.from_config(mcfg)
-    engine, *_ = deepspeed.initialize(model=model_, config=cfg, model_parameters=model_.parameters())
-    engine._hf_ds_config = keep
-    return engine
-
-
 def plain_batches(tok: IdTokenizer, examples: list, opts, seq: int) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of an attribution pass, as `attribute` builds them."""
     from agcl_ds import distributed as D
@@ -177,7 +151,7 @@ def measure(model: str, args: argparse.Namespace, clock: Clock) -> dict:
     vocab = MODELS[model][5]
     seq = args.seq or MODELS[model][6]
     reset_peak()
-    engine = build(model, args.micro_batch, args.dtype)
+    engine = zero3_llama(model, args.micro_batch, args.dtype)
     built_mib = peak_rss_mib()
     specs = local_shards(engine)
     tok = IdTokenizer(vocab)

@@ -19,36 +19,9 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+from _zero3 import MODELS, zero3_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
-    "tiny": (64, 2, 4, 2, 128, 1000, 32),
-    "50M": (512, 8, 8, 4, 1024, 32000, 128),
-}
-
-
-def _engine(model: str, dtype: str):
-    import deepspeed
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hidden, layers, heads, kv, inter, vocab, _ = MODELS[model]
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-           "gradient_clipping": 1.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True}},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    if dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    keep = HfDeepSpeedConfig(cfg)
-    torch.manual_seed(0)
-    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                       max_position_embeddings=256,
-                       tie_word_embeddings=False, use_cache=False)
-    model_ = AutoModelForCausalLM.from_config(mcfg)
-    engine, *_ = deepspeed.initialize(model=model_, config=cfg, model_parameters=model_.parameters())
-    engine._hf_ds_config = keep
-    return engine
 
 
 def _measure(engine, gate, seq: int, vocab: int, warmup: int, steps: int) -> tuple[float, float]:
@@ -77,7 +50,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 
     rows = []
     for model in args.models:
-        engine = _engine(model, args.dtype)
+        engine = zero3_llama(model, 2, args.dtype)
         g = torch.Generator().manual_seed(rank)
         specs = local_shards(engine)
         rbar = {n: torch.rand(s.numel, generator=g).to(torch.bfloat16) for n, s in specs.items()}

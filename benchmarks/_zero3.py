@@ -1,0 +1,34 @@
+"""The benchmark models: a Llama of a named size as a ZeRO-3 engine (stage 3, every tensor partitioned)."""
+
+from __future__ import annotations
+
+import torch
+
+MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
+    "tiny": (64, 2, 4, 2, 128, 1000, 32),
+    "50M": (512, 8, 8, 4, 1024, 32000, 128),
+}
+
+
+def zero3_llama(model: str, micro_batch: int, dtype: str):
+    """A seeded Llama of size `model`, partitioned from construction, with DeepSpeed's torch AdamW."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hidden, layers, heads, kv, inter, vocab, seq = MODELS[model]
+    cfg = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+           "steps_per_print": 10**9, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": True}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    keep = HfDeepSpeedConfig(cfg)  # must outlive the model: it makes from_config partition
+    torch.manual_seed(0)
+    mcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(256, seq),
+                       tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    module = AutoModelForCausalLM.from_config(mcfg)
+    engine, *_ = deepspeed.initialize(model=module, config=cfg, model_parameters=module.parameters())
+    engine._hf_ds_config = keep
+    return engine
