@@ -174,6 +174,13 @@ def _verify(folder: str) -> str | None:
     return D.broadcast_object(reason)
 
 
+def require_valid(folder: str) -> None:
+    """Every file against the manifest before DeepSpeed unpickles any of it (collective under ranks)."""
+    reason = _verify(folder)
+    if reason is not None:
+        raise CheckpointError(f"{folder}: unusable checkpoint ({reason})")
+
+
 def candidates(root: str) -> list[str]:
     """Complete checkpoint folders, newest first (unfinished `.tmp-*` folders are ignored)."""
     if not os.path.isdir(root):

@@ -112,13 +112,6 @@ def _resolve_checkpoint(path: str) -> tuple[str, Position]:
         raise CheckpointError(f"{path}/position.json: unreadable ({str(e).splitlines()[0]})") from None
 
 
-def _verify(folder: str) -> None:
-    """Every file against the manifest before DeepSpeed unpickles any of it (collective under ranks)."""
-    reason = checkpoint._verify(folder)
-    if reason is not None:
-        raise CheckpointError(f"{folder}: unusable checkpoint ({reason})")
-
-
 def _run_dir_of(folder: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(folder)))
 
@@ -195,7 +188,7 @@ def _engine(p: _Prepared, out_dir: str):
     loaded = load_model(p.cfg, p.ds_config, path_override=base_dir)
     engine = build_engine(loaded, p.ds_config)
     if p.folder is not None:
-        _verify(p.folder)
+        checkpoint.require_valid(p.folder)
         # a base Method loads no method state: only the weights (and RNG) are needed here, so no
         # importance store or gate has to be built for the checkpoint's method
         checkpoint.load(p.folder, engine, Method(NoOptions()))
@@ -298,7 +291,7 @@ def export_checkpoint(folder: str, out: str, dtype: str = "fp32") -> None:
     cfg = _config_of(folder, pos)
     m = cfg.model
     check_source(m)
-    _verify(folder)
+    checkpoint.require_valid(folder)
     tok = build_tokenizer(m)
     if m.from_config is not None:
         hf_config = config_from(m.from_config, tok)
