@@ -89,7 +89,7 @@ def test_export_round_trip_zero3(trained, capsys):
 
     with torch.no_grad():
         logits = model(input_ids=_probe_ids(ByteTokenizer())).logits
-    torch.testing.assert_close(logits, trained["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5)  # fp32 sums in another order: ~1e-6
     assert json.loads((out / "agcl_export.json").read_text())["tokenizer"].startswith("byte")
     # the run dir resolves to the latest checkpoint; an existing --out is refused, and kept
     before = (out / "model.safetensors").read_bytes()
