@@ -172,7 +172,7 @@ def test_export_stage0_with_hf_tokenizer(tmp_path):
 
     with torch.no_grad():
         logits = load_export(out)(input_ids=_probe_ids(HFTokenizer(tok))).logits
-    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)  # 1-thread rank vs this process: sum order
 
 
 def test_report_prints_side_by_side_and_writes_png(tmp_path, capsys):
