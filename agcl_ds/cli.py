@@ -59,26 +59,21 @@ def check_writable(run_dir: str, what: str = "output.dir") -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
-    ds_config = resolve_ds_config(load_ds_config(args.ds), cfg, _world(), path=args.ds)
-    from agcl_ds.data.tasks import load_tasks
     from agcl_ds.methods import build_method
-    from agcl_ds.models import check_source
 
     # model, method, data and output problems surface here, before distributed start-up
-    check_source(cfg.model)
+    p = _prepare(args)
     try:
-        build_method(cfg.method).check(cfg)
+        build_method(p.cfg.method).check(p.cfg)
     except ConfigError as e:
         raise ConfigError(f"{args.config}: {e}") from None
-    load_tasks(cfg)
-    check_writable(cfg.run_dir())  # on every rank: each writes its checkpoint shards there
+    check_writable(p.cfg.run_dir())  # on every rank: each writes its checkpoint shards there
     from agcl_ds.distributed import init_distributed, shutdown_distributed
     from agcl_ds.loop import Preempted, run
 
     init_distributed()
     try:
-        run(cfg, ds_config, resume=args.resume)
+        run(p.cfg, p.ds_config, resume=args.resume)
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"agcl: preempted: {e}; exit {EXIT_REQUEUE} asks for a requeue", file=sys.stderr, flush=True)
@@ -164,7 +159,7 @@ def _prepare(args: argparse.Namespace) -> _Prepared:
     check_source(cfg.model)
     tasks = load_tasks(cfg)
     folder = pos = None
-    if args.checkpoint:
+    if getattr(args, "checkpoint", None):  # eval and attribute; train resumes on its own
         folder, pos = _resolve_checkpoint(args.checkpoint)
         _check_compatible(folder, pos, cfg, ds_config)
     return _Prepared(cfg, ds_config, tasks, folder, pos)
