@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
+
+from agcl_ds.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,9 +40,7 @@ def run_one(seed: int, method: str, extra: list[str], out: str, nproc: int) -> d
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
         bindir = os.path.dirname(sys.executable)
-        with socket.socket() as sock:  # a free port: other jobs on the machine may hold 29500
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()  # other jobs on the machine may hold DeepSpeed's default 29500
         cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
                "launch/train.py", "--ds",
                "ds_configs/zero3.json", "--config", "configs/demo.yaml", f"seed={seed}", f"method.name={name}",

@@ -19,17 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _worker(rank: int, world: int, port: int, module: str, name: str, tmp: str, args: tuple) -> None:
     sys.path.insert(0, ROOT)
-    import torch
-
-    from agcl_ds.distributed import join_local_group
+    from agcl_ds.distributed import join_local_group, shutdown_distributed
 
     join_local_group(rank, world, port)
     fn = getattr(importlib.import_module(module), name)
     out = fn(tmp, *args)
     with open(os.path.join(tmp, f".result{rank}.pkl"), "wb") as f:  # written by us, read by us
         pickle.dump(out, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()  # unless the body's command already left the group
 
 
 def run_ranks(fn, *args, world: int = 2, tmp: str | None = None) -> list:
