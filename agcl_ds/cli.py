@@ -79,7 +79,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"agcl: preempted: {e}; exit {EXIT_REQUEUE} asks for a requeue", file=sys.stderr, flush=True)
         shutdown_distributed()
         sys.exit(EXIT_REQUEUE)
-    shutdown_distributed()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -446,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except USER_ERRORS as e:
         _fail(str(e))
+    dist_helpers = sys.modules.get("agcl_ds.distributed")
+    if dist_helpers is not None:  # every rank leaves the group together: gloo can abort a lone exit
+        dist_helpers.shutdown_distributed()
 
 
 if __name__ == "__main__":
