@@ -179,7 +179,7 @@ def attribute(engine, tok: Tokenizer, examples: list[Example], opts: Attribution
     module = engine.module
     was_training = module.training
     rules = lrp_rules(module, variant=opts.variant) if opts.source == "lrp" else contextlib.nullcontext()
-    with rules, PerSampleRelevance(module, router) as hooks:
+    with rules, PerSampleRelevance(module, router, wanted=specs) as hooks:
         for b in range(n_batches):
             chunk = mine[b * opts.micro_batch_size:(b + 1) * opts.micro_batch_size] or mine[:1] or samples[:1]
             batch = {k: v.to(D.device()) for k, v in collate(tok, chunk, max_len).items()}

@@ -57,6 +57,7 @@ class ModelConfig:
     tokenizer: Literal["auto", "byte"] = "auto"  # auto: the folder's tokenizer, byte: built-in
     trust_remote_code: bool = False
     pretrain: PretrainConfig | None = None
+    train_top_layers: int | None = None  # train only the last N Transformer blocks, freeze the rest; None: all
 
 
 @dataclass
@@ -76,6 +77,7 @@ class DataConfig:
     max_train: int | None = None  # per task; None keeps everything
     max_test: int | None = None
     max_seq_len: int = 256
+    max_input_chars: int | None = None  # cl_benchmark: cut each input text to this many characters
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -307,6 +309,10 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: model.pretrain applies to model.from_config models only")
     if m.pretrain is not None and cfg.data.source != "synthetic":
         raise ConfigError(f"{path}: model.pretrain uses the synthetic base mixture; data.source must be synthetic")
+    if m.train_top_layers is not None and m.train_top_layers < 1:
+        raise ConfigError(f"{path}: model.train_top_layers: expected an integer >= 1 or null")
+    if cfg.data.max_input_chars is not None and cfg.data.max_input_chars < 1:
+        raise ConfigError(f"{path}: data.max_input_chars: expected an integer >= 1 or null")
     if m.from_config is not None and m.tokenizer == "auto":
         m.tokenizer = "byte"
     if cfg.data.source != "synthetic" and not cfg.data.path:

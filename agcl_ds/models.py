@@ -107,27 +107,45 @@ def config_from(fc, tok: Tokenizer):
                tie_word_embeddings=False, use_cache=False, **ids, **extra)
 
 
-def gguf_to_folder(path: str, gguf_file: str, cache_dir: str) -> str:
-    """Convert a GGUF checkpoint once into a cached Hugging Face folder; return that folder."""
+def gguf_to_folder(path: str, gguf_file: str, cache_dir: str, out: str | None = None) -> str:
+    """Convert a GGUF checkpoint once into a Hugging Face folder; return that folder.
+
+    `out` names the folder; by default it is keyed by the file's path, size and mtime under `cache_dir`.
+    Written to a temporary folder and renamed, so a killed conversion leaves nothing half-written."""
     src = os.path.join(path, gguf_file)
     if not os.path.isfile(src):
         raise ModelError(f"model.gguf_file: {src!r} not found")
-    st = os.stat(src)
-    key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir, f"gguf-{key}")
+    if out is None:
+        st = os.stat(src)
+        key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        out = os.path.join(cache_dir, f"gguf-{key}")
     if is_main() and not os.path.isfile(os.path.join(out, "config.json")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-")
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
                                                      dtype=torch.float32)
+        _drop_dequantized_gguf(model, src)
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True).save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     barrier()
     return out
+
+
+def _drop_dequantized_gguf(model, src: str) -> None:
+    """transformers de-quantizes GGUF blocks into plain fp32 weights but keeps its GGUF quantizer on the
+    model, which then refuses `save_pretrained`. The weights are ordinary tensors, so the marker goes."""
+    odd = sorted({str(p.dtype) for p in model.parameters() if not p.dtype.is_floating_point})
+    if odd:
+        raise ModelError(f"model.gguf_file: {src!r} still holds quantised tensors ({', '.join(odd)}) after "
+                         "loading; this transformers version cannot de-quantise it")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None) -> LoadedModel:
@@ -166,10 +184,33 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                      trust_remote_code=m.trust_remote_code)
     model.config.use_cache = False
+    if m.train_top_layers is not None:
+        train_top_layers(model, m.train_top_layers)
     if tok.vocab_size > model.config.vocab_size:
         raise ModelError(f"model: tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
     return LoadedModel(model=model, tokenizer=tok, zero3_handle=handle)
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of Transformer blocks (Llama-style `model.layers`, GPT-2 `transformer.h`)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h") and len(mod):
+            return mod
+    raise ModelError(f"model: no Transformer block list (…layers / …h) found in {type(model).__name__}")
+
+
+def train_top_layers(model: torch.nn.Module, n: int) -> None:
+    """Freeze everything but the last `n` blocks (embeddings, lm_head and the final norm included).
+
+    The cheap regime for CPU runs and for partial fine-tuning: the optimizer, the gate, the
+    importance store and every method see only the trainable parameters."""
+    blocks = transformer_blocks(model)
+    if n > len(blocks):
+        raise ModelError(f"model.train_top_layers: {n} exceeds the model's {len(blocks)} blocks")
+    keep = {id(p) for block in blocks[len(blocks) - n:] for p in block.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
 
 
 def save_consolidated(engine, out_dir: str) -> None:

@@ -42,6 +42,8 @@ def test_overrides_are_typed_and_nested():
     ("model: {from_config: {}}\ndata: {tasks: [dec, dec]}\n", "listed twice"),
     ("model: {from_config: {}}\ntraining: {micro_batch_size: 0}\n",
      "training.micro_batch_size: expected an integer >= 1"),
+    ("model: {from_config: {}, train_top_layers: 0}\n", "model.train_top_layers: expected an integer >= 1 or null"),
+    ("model: {from_config: {}}\ndata: {max_input_chars: 0}\n", "data.max_input_chars: expected an integer >= 1"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
     path = write(tmp_path, text)

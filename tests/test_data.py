@@ -22,6 +22,10 @@ def test_cl_benchmark_layout():
     assert "Option: World, Sports, Business, Science or Technology\n" in ex.prompt
     assert ex.prompt.endswith("\nAnswer:") and ex.answer in task.options
     assert load_cl_benchmark(CL, "TC/agnews", 5, 5).train == task.train[:5]
+    short = load_cl_benchmark(CL, "agnews", max_train=50, max_test=20, max_input_chars=30)
+    for a, b in zip(short.train, task.train, strict=True):  # the instruction and options stay whole
+        text = b.prompt.split("Option: World, Sports, Business, Science or Technology\n")[1][:-len("\nAnswer:")]
+        assert a.prompt == b.prompt.replace(text, text[:30].rstrip()) and a.answer == b.answer
 
 
 def make_cl(tmp_path, train, labels=("yes", "no"), test=None):

@@ -106,3 +106,13 @@ def test_consolidated_export_from_zero3(tmp_path):
         assert torch.equal(saved[name], tensor), name
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export", local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_train_top_layers_freezes_everything_below(tmp_path):
+    make_folder(tmp_path / "m")
+    loaded = load_model(cfg_for(tmp_path / "m", "model.train_top_layers=1"), ZERO0)
+    trained = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.layers.1.") for n in trained)
+    assert trained == {n for n, _ in loaded.model.named_parameters() if n.startswith("model.layers.1.")}
+    with pytest.raises(ModelError, match="model.train_top_layers: 3 exceeds the model's 2 blocks"):
+        load_model(cfg_for(tmp_path / "m", "model.train_top_layers=3"), ZERO0)

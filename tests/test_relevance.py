@@ -197,3 +197,22 @@ def test_zero3_hooks_see_full_weights_and_match_single_process():
         assert max_rel_err(maps, ref) < 1e-6
         assert live == 1
         assert after == twin  # the engine trains exactly as a never-explained twin afterwards
+
+
+def test_wanted_params_only_skip_frozen_modules_without_changing_the_rest():
+    """With only the top block trained, frozen modules pass relevance through and emit nothing; the
+    trained block's maps equal those of the full pass."""
+    model = build("llama", "sdpa")
+    batch = make_batch([9, 7, 11, 6])
+    full, _ = relevance_maps(model, batch, only_correct=False)
+    last = f"model.layers.{model.config.num_hidden_layers - 1}."
+    top = {n for n, _ in model.named_parameters() if n.startswith(last)}
+    got: dict[str, torch.Tensor] = {}
+
+    def collect(name, p, r, row_start):
+        got.setdefault(name, torch.zeros(r.shape[0], *p.shape, dtype=r.dtype))[:, row_start:row_start + r.shape[1]] += r
+
+    with lrp_rules(model, "attnlrp"), PerSampleRelevance(model, collect, wanted=top) as hooks:
+        hooks.run(batch, only_correct=False)
+    assert set(got) == top
+    assert max_rel_err(got, {n: full[n] for n in top}) < 1e-12

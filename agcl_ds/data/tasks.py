@@ -103,9 +103,12 @@ def _find_cl_task(root: str, name: str) -> str:
 
 
 def load_cl_benchmark(root: str, name: str, max_train: int | None = None,
-                      max_test: int | None = None) -> Task:
+                      max_test: int | None = None, max_input_chars: int | None = None) -> Task:
     """`<root>/<TYPE>/<TASK>/{train,test}.json` of {"sentence","label"}, `labels.json`, and one
-    instruction per TYPE in `<root>/instruction_config.json` (the O-LoRA / Standard-CL layout)."""
+    instruction per TYPE in `<root>/instruction_config.json` (the O-LoRA / Standard-CL layout).
+
+    `max_input_chars` shortens the input text itself, so that the instruction and the option list
+    in front of it survive (`encode` would otherwise cut a long prompt from the left)."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: data folder not found")
     folder = _find_cl_task(root, name)
@@ -132,7 +135,8 @@ def load_cl_benchmark(root: str, name: str, max_train: int | None = None,
         for i, (sentence, label) in enumerate(pairs[: limit if limit is not None else len(pairs)]):
             if label not in labels:
                 raise DataError(f"{path}: item {i}: label {label!r} is not in {labels_path}")
-            out.append(Example(f"{header}{sentence.strip()}\nAnswer:", f" {label}"))
+            text = sentence.strip()[:max_input_chars].rstrip()
+            out.append(Example(f"{header}{text}\nAnswer:", f" {label}"))
         return out
 
     return Task(name=os.path.basename(folder), train=split("train", max_train), test=split("test", max_test),
@@ -189,5 +193,7 @@ def load_tasks(cfg) -> list[Task]:
         tasks = synthetic.make_tasks(d.tasks, d.synthetic)
         return [Task(t.name, _cap(t.train, d.max_train), _cap(t.test, d.max_test), t.options, t.meta)
                 for t in tasks]
-    loader = {"cl_benchmark": load_cl_benchmark, "trace": load_trace, "jsonl": load_jsonl}[d.source]
+    if d.source == "cl_benchmark":
+        return [load_cl_benchmark(d.path, name, d.max_train, d.max_test, d.max_input_chars) for name in d.tasks]
+    loader = {"trace": load_trace, "jsonl": load_jsonl}[d.source]
     return [loader(d.path, name, d.max_train, d.max_test) for name in d.tasks]

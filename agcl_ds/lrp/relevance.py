@@ -18,7 +18,7 @@ Run it inside `lrp_rules(model)` for AttnLRP; without rules the maps are plain |
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,12 +97,16 @@ class PerSampleRelevance:
     restored on exit. `model` names the parameters (pass `engine.module` for a DeepSpeed engine).
     """
 
-    def __init__(self, model: nn.Module, consumer: Consumer, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+    def __init__(self, model: nn.Module, consumer: Consumer, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                 wanted: Collection[str] | None = None):
         if max_chunk_elems < 1:
             raise ValueError(f"max_chunk_elems must be >= 1, got {max_chunk_elems}")
         self.model, self.consumer, self.max_chunk_elems = model, consumer, max_chunk_elems
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.modules = [(m, k) for m in model.modules() if (k := _kind(m)) is not None]
+        # modules whose parameters nobody wants (frozen blocks) pass relevance through untouched
+        self.skip = set() if wanted is None else {
+            id(m) for m, _ in self.modules if not any(self.names[id(p)] in wanted for p in m.parameters(recurse=False))}
         covered = {id(p) for m, _ in self.modules for p in m.parameters(recurse=False)}
         missing = [n for n, p in model.named_parameters() if id(p) not in covered]
         if missing:
@@ -179,8 +183,8 @@ class PerSampleRelevance:
                 if out.shape[0] == 1 < self._batch:  # GPT-2 wpe: one row broadcast over the batch
                     out = ret = out.expand(self._batch, *out.shape[1:])
                     saved = saved.expand(self._batch, *saved.shape[1:])
-            if not out.requires_grad:
-                return None
+            if not out.requires_grad or id(mod) in self.skip:
+                return ret
             for p in mod.parameters(recurse=False):
                 self._state.setdefault(id(p), _Pending(p)).uses += 1
             out.register_hook(lambda g: self._backward(mod, kind, saved, g))
