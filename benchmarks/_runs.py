@@ -1,0 +1,60 @@
+"""The runner the forgetting benchmarks share: one (seed, method) = one launcher run, cached.
+
+Each run is `deepspeed --num_gpus N launch/train.py --ds <ds> --config <yaml> seed=S method.name=M ...`
+(the same command a user types), written under <out>/seed<S>/<tag>/; a finished run's results.json is
+reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from agcl_ds.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# "<method>:<variant>" names an ablation: the method with these overrides
+VARIANTS: dict[str, list[str]] = {
+    "single": ["method.options={importance_from: single_task}"],
+    "grad": ["method.options={gate_on: grad}"],
+    "rank": ["method.options={attribution: {normalize: rank}}"],
+    "minmax": ["method.options={attribution: {normalize: minmax}}"],
+    "half": ["method.options={alpha: 0.5}"],
+    "top50": ["method.options={attribution: {top_frac: 0.5}}"],
+    "random": ["method.options={attribution: {source: random}}"],
+    "gradxw": ["method.options={attribution: {source: grad_x_weight}}"],
+}
+
+
+def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out: str, nproc: int,
+            quiet: bool = True) -> dict:
+    name, _, variant = method.partition(":")
+    if variant and variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} in {method!r} (known: {', '.join(VARIANTS)})")
+    run_out = os.path.join(out, f"seed{seed}", method.replace(":", "-"))
+    path = os.path.join(run_out, name, "results.json")
+    if not os.path.isfile(path):
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        bindir = os.path.dirname(sys.executable)
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+               "launch/train.py", "--ds", ds, "--config", config, f"seed={seed}", f"method.name={name}",
+               f"output.dir={run_out}", "logging.progress=false", *VARIANTS.get(variant, []), *extra]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    with open(path) as f:
+        return json.load(f)
+
+
+def diagonal(res: dict) -> float:
+    """Mean accuracy of each task right after it was learned (did the method still learn?)."""
+    return statistics.fmean(res["matrix"][i][i] for i in range(len(res["tasks"])))
+
+
+def fmt(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:+.3f} ± {std:.3f}"
