@@ -11,6 +11,10 @@ METHODS: dict[str, str] = {
     "seq": "agcl_ds.methods.seq:Seq",
     "agcl": "agcl_ds.methods.agcl:Agcl",
     "replay": "agcl_ds.methods.replay:Replay",
+    "ewc": "agcl_ds.methods.ewc:Ewc",
+    "mas": "agcl_ds.methods.mas:Mas",
+    "freeze": "agcl_ds.methods.freeze:Freeze",
+    "agcl_replay": "agcl_ds.methods.agcl_replay:AgclReplay",
 }
 
 
