@@ -23,9 +23,11 @@ VARIANTS: dict[str, list[str]] = {
     "grad": ["method.options={gate_on: grad}"],
     "rank": ["method.options={attribution: {normalize: rank}}"],
     "minmax": ["method.options={attribution: {normalize: minmax}}"],
+    "minmaxgrad": ["method.options={gate_on: grad, attribution: {normalize: minmax}}"],
     "half": ["method.options={alpha: 0.5}"],
     "top50": ["method.options={attribution: {top_frac: 0.5}}"],
     "random": ["method.options={attribution: {source: random}}"],
+    "gold": ["method.options={attribution: {target: gold}}"],
     "gradxw": ["method.options={attribution: {source: grad_x_weight}}"],
 }
 

@@ -147,7 +147,8 @@ def main() -> None:
         png = os.path.join(os.path.dirname(os.path.abspath(args.results)), f"forgetting_{tag}.png")
         plot(rows, png)
         write_section(args.results, f"bench_forgetting:{tag}",
-                      f"Tasks in order: {' → '.join(tasks)}. Overrides: `{' '.join(extra[2:])}`. "
+                      f"`configs/cl_smollm2.yaml`, `{setting['ds']}`, tasks in order {' → '.join(tasks)}; "
+                      f"overrides: {' '.join(f'`{o}`' for o in extra[2:]) or 'none'}. "
                       f"Plot: `{os.path.relpath(png, os.path.dirname(os.path.abspath(args.results)))}`.\n\n{table}")
     if "agcl" in rows and baselines:
         best = max(baselines, key=baselines.get)
