@@ -107,10 +107,13 @@ def config_from(fc, tok: Tokenizer):
                tie_word_embeddings=False, use_cache=False, **ids, **extra)
 
 
-def gguf_to_folder(path: str, gguf_file: str, cache_dir: str, out: str | None = None) -> str:
+GGUF_CACHE = os.path.join(".cache", "agcl_ds", "models")
+
+
+def gguf_to_folder(path: str, gguf_file: str, out: str | None = None) -> str:
     """Convert a GGUF checkpoint once into a Hugging Face folder; return that folder.
 
-    `out` names the folder; by default it is keyed by the file's path, size and mtime under `cache_dir`.
+    `out` names the folder; by default it is keyed by the file's path, size and mtime under GGUF_CACHE.
     Written to a temporary folder and renamed, so a killed conversion leaves nothing half-written."""
     src = os.path.join(path, gguf_file)
     if not os.path.isfile(src):
@@ -118,7 +121,7 @@ def gguf_to_folder(path: str, gguf_file: str, cache_dir: str, out: str | None = 
     if out is None:
         st = os.stat(src)
         key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        out = os.path.join(cache_dir, f"gguf-{key}")
+        out = os.path.join(GGUF_CACHE, f"gguf-{key}")
     if is_main() and not os.path.isfile(os.path.join(out, "config.json")):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -172,7 +175,7 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
         model = AutoModelForCausalLM.from_config(config_from(m.from_config, tok), dtype=dtype)
     else:
         if m.gguf_file and path_override is None:
-            path = gguf_to_folder(m.path, m.gguf_file, os.path.join(".cache", "agcl_ds", "models"))
+            path = gguf_to_folder(m.path, m.gguf_file)
         _check_folder(path)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelError(f"model.path: {path!r} has no config.json (not a Hugging Face model folder)")

@@ -57,7 +57,7 @@ def ensure_model(dest: str = MODEL_DIR) -> str:
         raise SystemExit(f"bench_forgetting: no .gguf file in {folder}")
     from agcl_ds.models import gguf_to_folder
 
-    return gguf_to_folder(folder, os.path.basename(files[0]), "", out=dest)
+    return gguf_to_folder(folder, os.path.basename(files[0]), out=dest)
 
 
 def write_section(path: str, marker: str, text: str) -> None:

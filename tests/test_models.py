@@ -137,10 +137,10 @@ def test_gguf_converts_once_into_a_plain_folder_with_the_same_logits(tmp_path):
     from agcl_ds.models import gguf_to_folder
 
     folder, name = _smollm2_gguf()
-    out = gguf_to_folder(folder, name, "", out=str(tmp_path / "smollm2"))
+    out = gguf_to_folder(folder, name, out=str(tmp_path / "smollm2"))
     assert "quantization_config" not in json.loads((tmp_path / "smollm2" / "config.json").read_text())
     mtime = os.path.getmtime(os.path.join(out, "model.safetensors"))
-    assert gguf_to_folder(folder, name, "", out=out) == out  # second call: already converted, untouched
+    assert gguf_to_folder(folder, name, out=out) == out  # second call: already converted, untouched
     assert os.path.getmtime(os.path.join(out, "model.safetensors")) == mtime
     ids = torch.tensor([[1, 504, 3303, 314, 253, 1345]])
     loaded = load_model(cfg_for(out), ZERO0)
