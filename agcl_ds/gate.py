@@ -18,10 +18,12 @@ Two placements:
   so s = 0 leaves an element bit-identical (decoupled weight decay included) and s = 1 equals the
   ungated optimizer. It works with any torch optimizer, DeepSpeed-built or client (an HF Trainer's
   engine included), and stores nothing in the optimizer state, so checkpoints need only the R̄ store.
-  Cost: a transient copy of the master tensor being stepped (4 bytes per element of one ZeRO-3
-  sub-group or one ZeRO-1/2 param-group partition; bound it with `sub_group_size`).
-  `keep_snapshot=True` keeps that copy between steps instead: on CPU a fresh 100 MB buffer per step
-  costs more in page faults than the copy itself (GPU caching allocators reuse the block anyway).
+  Cost: a copy of the master tensors one inner `step` call updates (4 bytes per element of one ZeRO-3
+  sub-group, or of the rank's ZeRO-1/2 partition; bound it with `sub_group_size`). The copy goes into
+  one buffer sized to the largest such call. `keep_snapshot` (default: on for masters in host memory,
+  as with CPU ranks or ZeRO-Offload) keeps that buffer between steps: on CPU a freshly allocated
+  100 MB block costs more in page faults than the copy itself (measured in benchmarks/RESULTS.md),
+  while GPU caching allocators reuse the block anyway, so there it is freed after each step.
 
 ``auto`` picks ``grad`` for torch SGD without weight decay (its update is linear in the gradient, so
 gating the gradient is exact and costs no extra memory) and ``update`` for everything else: Adam-family
@@ -50,7 +52,7 @@ class Gate:
     """Attach the gate to `engine`; it stays inactive until `set_importance` gets a non-zero R̄."""
 
     def __init__(self, engine, gate_on: str = "auto", alpha: float = 1.0, chunk: int = 1 << 22,
-                 keep_snapshot: bool = False):
+                 keep_snapshot: bool | None = None):
         if gate_on not in GATE_MODES:
             raise ValueError(f"gate_on must be one of {GATE_MODES}, got {gate_on!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -63,8 +65,8 @@ class Gate:
         self.layout: FlatLayout = flat_layout(engine)
         self.alpha = float(alpha)
         self.chunk = int(chunk)
-        self.keep_snapshot = keep_snapshot
-        self._kept: dict[int, torch.Tensor] = {}
+        self.keep_snapshot = self.layout.device.type == "cpu" if keep_snapshot is None else bool(keep_snapshot)
+        self._pool: dict[torch.dtype, torch.Tensor] = {}  # the snapshot buffer, kept when keep_snapshot
         self._inner = inner_optimizers(engine)
         self.mode = _resolve_mode(gate_on, self._inner)
         self._rbar: torch.Tensor | None = None
@@ -179,15 +181,24 @@ class Gate:
         if self._rbar is None:
             return
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            for t in group["params"]:
-                if t.grad is not None and id(t) in self._master_offset:
-                    buf = self._kept.get(id(t))
-                    if buf is None:
-                        buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-                        if self.keep_snapshot:
-                            self._kept[id(t)] = buf
-                    self._snap[id(t)] = buf.copy_(t.detach())
+        stepped = [t for group in opt.param_groups for t in group["params"]
+                   if t.grad is not None and id(t) in self._master_offset]
+        used: dict[torch.dtype, int] = {}
+        for t in stepped:
+            used[t.dtype] = used.get(t.dtype, 0) + t.numel()
+        pools = {}
+        for dtype, numel in used.items():
+            pool = self._pool.get(dtype)
+            if pool is None or pool.numel() < numel:
+                pool = torch.empty(numel, dtype=dtype, device=self.layout.device)
+                if self.keep_snapshot:
+                    self._pool[dtype] = pool
+            pools[dtype] = pool
+        used.clear()
+        for t in stepped:
+            off = used.get(t.dtype, 0)
+            self._snap[id(t)] = pools[t.dtype].narrow(0, off, t.numel()).copy_(t.detach().reshape(-1))
+            used[t.dtype] = off + t.numel()
         self.elapsed_s += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -218,7 +229,7 @@ class Gate:
             h.remove()
         self._handles.clear()
         self._snap.clear()
-        self._kept.clear()
+        self._pool.clear()
         self._rbar = self._wbuf = None
         self.engine._agcl_gate = None
 

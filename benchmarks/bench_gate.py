@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from _zero3 import MODELS, zero3_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEEP = {"auto": None, "on": True, "off": False}
 
 
 def _measure(engine, gate, seq: int, vocab: int, warmup: int, steps: int) -> tuple[float, float]:
@@ -57,7 +58,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         n_params = sum(s.full_numel for s in specs.values())
         steps = args.steps if model != "tiny" else max(args.steps, 10)
         for mode in args.modes:
-            gate = Gate(engine, gate_on=mode, keep_snapshot=args.keep_snapshot)
+            gate = Gate(engine, gate_on=mode, keep_snapshot=KEEP[args.keep_snapshot])
             gate.set_importance(rbar)
             it, gt = _measure(engine, gate, MODELS[model][6], MODELS[model][5], args.warmup, steps)
             rows.append((model, n_params, mode, gate.mode, it, gt, steps))
@@ -77,7 +78,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--modes", nargs="+", choices=["grad", "update", "auto"], default=["grad", "auto"])
-    p.add_argument("--keep-snapshot", action="store_true", help="update gate: reuse its snapshot buffer")
+    p.add_argument("--keep-snapshot", choices=["auto", "on", "off"], default="auto",
+                   help="update gate: keep its snapshot buffer between steps (auto: on for CPU masters)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.warmup = 5, 1
