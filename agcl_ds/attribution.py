@@ -47,7 +47,7 @@ class AttributionOptions:
 
     source: Literal["lrp", "grad_x_weight", "random"] = "lrp"  # the last two are ablations / controls
     variant: Literal["attnlrp", "cplrp"] = "attnlrp"
-    target: Literal["predicted", "gold"] = "predicted"  # which next-token logit is explained
+    target: Literal["predicted", "gold", "loss"] = "predicted"  # which next-token logit (or log-prob) is explained
     positions: Literal["all", "first"] = "all"  # sum over answer positions, or the first one only
     only_correct: bool = True  # the paper keeps only samples the model answers correctly
     aggregate: Literal["topk", "power"] = "topk"  # top-K mean (paper) or sum-reducible power mean

@@ -135,6 +135,8 @@ def test_answered_correctly_and_explained_logit():
     assert explained_logit(logits, labels).tolist() == [10.0, 12.0, 0.0]
     assert explained_logit(logits, labels, positions="first").tolist() == [5.0, 5.0, 0.0]
     assert explained_logit(logits, labels, target="gold").tolist() == [10.0, 5.0, 0.0]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    assert torch.allclose(explained_logit(logits, labels, target="loss"), -nll.sum(1))
     with pytest.raises(ValueError, match="target"):
         explained_logit(logits, labels, target="argmax")
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from agcl_ds.lrp.rules import Variant, is_rms_norm, lrp_rules, normalized_input
 
-Target = Literal["predicted", "gold"]
+Target = Literal["predicted", "gold", "loss"]
 Positions = Literal["all", "first"]
 # consumer(name, param, |R| of rows [row_start, row_start + rows) for the kept samples, row_start)
 Consumer = Callable[[str, nn.Parameter, torch.Tensor, int], None]
@@ -51,9 +51,11 @@ def answered_correctly(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def explained_logit(logits: torch.Tensor, labels: torch.Tensor, target: Target = "predicted",
                     positions: Positions = "all") -> torch.Tensor:
-    """[B] the explained output f_b: the next-token logit at the answer positions (summed, or the first)."""
-    if target not in ("predicted", "gold"):
-        raise ValueError(f"target must be 'predicted' or 'gold', got {target!r}")
+    """[B] the explained output f_b at the answer positions (summed, or the first): the predicted or gold
+    next-token logit, or (`loss`, the loss-based ablation) the gold token's log-probability, i.e. minus
+    the sample's cross-entropy, whose gradient also flows through every other logit via the softmax."""
+    if target not in ("predicted", "gold", "loss"):
+        raise ValueError(f"target must be 'predicted', 'gold' or 'loss', got {target!r}")
     if positions not in ("all", "first"):
         raise ValueError(f"positions must be 'all' or 'first', got {positions!r}")
     pos = answer_mask(labels)
@@ -61,6 +63,8 @@ def explained_logit(logits: torch.Tensor, labels: torch.Tensor, target: Target =
         pos = pos & (pos.cumsum(1) == 1)
     lg = logits[:, :-1]
     tok = lg.argmax(-1) if target == "predicted" else labels[:, 1:].clamp_min(0)
+    if target == "loss":
+        lg = torch.log_softmax(lg.float(), dim=-1)
     val = lg.gather(-1, tok.unsqueeze(-1)).squeeze(-1).float()
     return (val * pos).sum(1)
 
