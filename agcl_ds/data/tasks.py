@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,37 +147,38 @@ def load_cl_benchmark(root: str, name: str, max_train: int | None = None,
 # --------------------------------------------------------------------------- TRACE and JSONL
 
 
-def load_trace(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
-    """TRACE layout: `<root>/<TASK>/{train,eval,test}.json` of {"prompt","answer"}; eval is unused."""
+def _task_folder(root: str, name: str, layout: str) -> str:
     folder = os.path.join(root, name)
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: TRACE task folder not found")
+        raise DataError(f"{folder}: {layout} task folder not found")
+    return folder
 
-    def split(kind: str, limit: int | None) -> list[Example]:
-        path = os.path.join(folder, f"{kind}.json")
-        return _cap([Example(p, a) for p, a in _pairs(_read_json(path), path, "prompt", "answer")], limit)
 
-    return Task(name=name, train=split("train", max_train), test=split("test", max_test))
+def _prompt_answer_split(folder: str, fname: str, read: Callable[[str], Any], limit: int | None) -> list[Example]:
+    """One split file of {"prompt", "answer"} records (TRACE and JSONL share this record format)."""
+    path = os.path.join(folder, fname)
+    return _cap([Example(p, a) for p, a in _pairs(read(path), path, "prompt", "answer")], limit)
+
+
+def load_trace(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
+    """TRACE layout: `<root>/<TASK>/{train,eval,test}.json` of {"prompt","answer"}; eval is unused."""
+    folder = _task_folder(root, name, "TRACE")
+    return Task(name=name, train=_prompt_answer_split(folder, "train.json", _read_json, max_train),
+                test=_prompt_answer_split(folder, "test.json", _read_json, max_test))
 
 
 def load_jsonl(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
     """Generic JSONL: `<root>/<TASK>/{train,test}.jsonl`, one {"prompt","answer"} per line; an
     optional `<root>/<TASK>/options.json` lists the closed answer set for likelihood scoring."""
-    folder = os.path.join(root, name)
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: JSONL task folder not found")
-
-    def split(kind: str, limit: int | None) -> list[Example]:
-        path = os.path.join(folder, f"{kind}.jsonl")
-        return _cap([Example(p, a) for p, a in _pairs(_read_jsonl(path), path, "prompt", "answer")], limit)
-
+    folder = _task_folder(root, name, "JSONL")
     options = None
     opt_path = os.path.join(folder, "options.json")
     if os.path.exists(opt_path):
         options = _read_json(opt_path)
         if not isinstance(options, list) or not all(isinstance(x, str) for x in options):
             raise DataError(f"{opt_path}: expected a JSON list of answer strings")
-    task = Task(name=name, train=split("train", max_train), test=split("test", max_test), options=options)
+    task = Task(name=name, train=_prompt_answer_split(folder, "train.jsonl", _read_jsonl, max_train),
+                test=_prompt_answer_split(folder, "test.jsonl", _read_jsonl, max_test), options=options)
     if options is not None:
         for i, ex in enumerate(task.train + task.test):
             if ex.answer not in options:
