@@ -63,8 +63,9 @@ def _copy_run(finished: Path, tmp: Path) -> Path:
 def _rewrite_manifest(folder: Path) -> None:
     """What a user copying files between checkpoints by hand would also have to do."""
     from agcl_ds import checkpoint
+    from agcl_ds.fileio import sha256_file
 
-    sums = {n: checkpoint._sha256(str(folder / n)) for n in checkpoint._files(str(folder))}
+    sums = {n: sha256_file(folder / n) for n in checkpoint._files(str(folder))}
     (folder / "manifest.json").write_text(json.dumps({"files": sums}))
 
 
