@@ -275,7 +275,7 @@ CASES = [
     case("checkpoints_all_corrupt", _corrupt_all, "no checkpoint passes its checksums (newest, t002-s0000000: ",
          resumes=True),
     case("importance_from_another_model", _foreign_importance,
-         "method state does not fit this run: importance in ", resumes=True),
+         "method state does not fit this run: importance store in ", resumes=True),
     case("resume_never_over_checkpoints", _resume_never, "holds checkpoints; resume with --resume auto",
          resumes=True),
     # agcl report

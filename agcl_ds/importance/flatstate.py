@@ -91,7 +91,7 @@ def load(folder: str | os.PathLike, fmt: Format, specs: dict[str, ShardSpec], nu
     folder = Path(folder)
     meta = read_meta(folder, fmt)
     if meta["fingerprint"] != fingerprint(specs):
-        raise ValueError(f"the {fmt.what} in {folder} was saved for a different model (parameter "
+        raise ValueError(f"{fmt.what} in {folder} was saved for a different model (parameter "
                          "names/shapes fingerprint differs)")
     saved, r = meta["rank_specs"], D.rank()
     same = meta["world_size"] == D.world_size() and saved[r] == _rank_specs(specs)
