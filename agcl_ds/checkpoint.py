@@ -23,7 +23,6 @@ match the manifest that this package wrote.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -34,9 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from agcl_ds import distributed as D
+from agcl_ds.fileio import sha256_file, write_json
 
 
 class CheckpointError(RuntimeError):
@@ -61,14 +60,6 @@ class Position:
         return f"t{self.task:03d}-s{self.step:07d}"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: str) -> list[str]:
     out = []
     for root, _, names in os.walk(folder):
@@ -81,20 +72,9 @@ def _files(folder: str) -> list[str]:
 
 def _hash_share(folder: str, names: list[str]) -> dict[str, str]:
     """Hash this rank's share of the files; every rank gets the whole table."""
-    mine = {n: _sha256(os.path.join(folder, n)) for i, n in enumerate(names)
+    mine = {n: sha256_file(os.path.join(folder, n)) for i, n in enumerate(names)
             if i % D.world_size() == D.rank() and os.path.isfile(os.path.join(folder, n))}
-    if not dist.is_initialized() or D.world_size() == 1:
-        return mine
-    parts: list[dict[str, str]] = [{} for _ in range(D.world_size())]
-    dist.all_gather_object(parts, mine)
-    return {k: v for p in parts for k, v in p.items()}
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    return {k: v for p in D.all_gather_object(mine) for k, v in p.items()}
 
 
 def _save_rng(folder: str) -> None:
@@ -136,15 +116,15 @@ def save(root: str, engine, method, position: Position, keep: int) -> str:
     method.save(tmp)
     _save_rng(tmp)
     if D.is_main():
-        _write_json(os.path.join(tmp, "position.json"), position.__dict__)
+        write_json(os.path.join(tmp, "position.json"), position.__dict__)
     D.barrier()
     sums = _hash_share(tmp, _files(tmp))
     if D.is_main():
-        _write_json(os.path.join(tmp, "manifest.json"), {"files": sums})
+        write_json(os.path.join(tmp, "manifest.json"), {"files": sums})
         final = os.path.join(root, tag)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_json(os.path.join(root, "latest.json"), {"tag": tag})
+        write_json(os.path.join(root, "latest.json"), {"tag": tag})
         tags = sorted(t for t in os.listdir(root) if t.startswith("t") and os.path.isdir(os.path.join(root, t)))
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)

@@ -192,7 +192,7 @@ def _engine(p: _Prepared, out_dir: str):
 def cmd_eval(args: argparse.Namespace) -> None:
     from agcl_ds.distributed import barrier, is_main, world_size
     from agcl_ds.evaluation import Evaluator
-    from agcl_ds.report import write_json
+    from agcl_ds.fileio import write_json
 
     p = _prepare(args)
     out_dir = args.out or (_run_dir_of(p.folder) if p.folder else p.cfg.run_dir())
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   "position": {"task": p.pos.task, "step": p.pos.step} if p.pos else None,
                   "method": p.cfg.method.name, "mode": ev.mode, "world_size": world_size(),
                   "config": p.cfg.to_dict()}
-        write_json(os.path.join(out_dir, "eval.json"), result)
+        write_json(os.path.join(out_dir, "eval.json"), result, indent=2)
         print(f"wrote {os.path.join(out_dir, 'eval.json')}", flush=True)
     barrier()
 

@@ -101,6 +101,15 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable object, indexed by rank (in-memory only, never from disk)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from `src` to every rank (in-memory only, never from disk)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

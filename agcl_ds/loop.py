@@ -28,11 +28,12 @@ from agcl_ds.config import ExperimentConfig
 from agcl_ds.data.collate import Tokenizer, collate
 from agcl_ds.data.tasks import Example, Task, load_tasks
 from agcl_ds.evaluation import Evaluator
+from agcl_ds.fileio import write_json
 from agcl_ds.methods import build_method
 from agcl_ds.methods.base import Method
 from agcl_ds.metrics import summary
 from agcl_ds.models import LoadedModel, load_model, save_consolidated
-from agcl_ds.report import heatmap, matrix_table, write_json
+from agcl_ds.report import heatmap, matrix_table
 from agcl_ds.runlog import RunLog
 
 
@@ -366,7 +367,7 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
                "method": cfg.method.name, "config": cfg.to_dict(), "world_size": D.world_size(),
                "seconds": round(time.time() - started, 1)}
     if D.is_main():
-        write_json(results_path, results)
+        write_json(results_path, results, indent=2)
         heatmap(results, os.path.join(run_dir, "matrix.png"))
     log.print(matrix_table(results))
     log.event("done", OP=results["OP"], BWT=results["BWT"], FWT=results["FWT"])

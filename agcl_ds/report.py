@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 
@@ -42,15 +41,6 @@ def summary_table(all_results: list[dict[str, Any]]) -> str:
     for r in all_results:
         lines.append(f"{r['method']:<16}{_fmt(r['OP']):>8}{_fmt(r['BWT']):>8}{_fmt(r['FWT']):>8}")
     return "\n".join(lines)
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    """Atomic write: a reader never sees half a results file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def heatmap(results: dict[str, Any], path: str) -> None:

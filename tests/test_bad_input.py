@@ -63,8 +63,9 @@ def _copy_run(finished: Path, tmp: Path) -> Path:
 def _rewrite_manifest(folder: Path) -> None:
     """What a user copying files between checkpoints by hand would also have to do."""
     from agcl_ds import checkpoint
+    from agcl_ds.fileio import sha256_file
 
-    sums = {n: checkpoint._sha256(str(folder / n)) for n in checkpoint._files(str(folder))}
+    sums = {n: sha256_file(folder / n) for n in checkpoint._files(str(folder))}
     (folder / "manifest.json").write_text(json.dumps({"files": sums}))
 
 
@@ -274,7 +275,7 @@ CASES = [
     case("checkpoints_all_corrupt", _corrupt_all, "no checkpoint passes its checksums (newest, t002-s0000000: ",
          resumes=True),
     case("importance_from_another_model", _foreign_importance,
-         "method state does not fit this run: importance in ", resumes=True),
+         "method state does not fit this run: importance store in ", resumes=True),
     case("resume_never_over_checkpoints", _resume_never, "holds checkpoints; resume with --resume auto",
          resumes=True),
     # agcl report

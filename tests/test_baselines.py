@@ -26,9 +26,10 @@ from agcl_ds.attribution import pick_samples
 from agcl_ds.config import ConfigError, MethodConfig, load_config, load_ds_config, resolve_ds_config
 from agcl_ds.data.collate import ByteTokenizer, collate
 from agcl_ds.data.tasks import Example
-from agcl_ds.importance.partition import FlatLayout, full_specs, gather_full, inner_optimizers
+from agcl_ds.importance import flatstate
+from agcl_ds.importance.partition import full_specs, gather_full, inner_optimizers
 from agcl_ds.methods import METHODS, build_method
-from agcl_ds.methods._anchor import AnchorOptions, load_flat, per_sample
+from agcl_ds.methods._anchor import STATE, SUBDIR, AnchorOptions, per_sample
 from agcl_ds.methods.agcl_replay import AgclReplay
 from agcl_ds.methods.ewc import Ewc
 from agcl_ds.methods.freeze import Freeze, frozen_names
@@ -169,8 +170,8 @@ def _round_trip(method, engine, folder: str, full_omega: dict[str, torch.Tensor]
     fresh.load(folder)
     shapes = {n: s.full_shape for n, s in method.layout.specs.items()}
     specs = full_specs(shapes)
-    whole = FlatLayout(0, specs, sum(s.numel for s in specs.values()), (), ())
-    tensors, meta = load_flat(folder, whole)
+    tensors, info = flatstate.load(f"{folder}/{SUBDIR}", STATE, specs, sum(s.numel for s in specs.values()),
+                                   torch.float32)
     other = Mas(MasOptions()) if isinstance(method, Ewc) else Ewc(AnchorOptions())
     other.setup(types.SimpleNamespace(engine=engine))
     try:
@@ -179,7 +180,7 @@ def _round_trip(method, engine, folder: str, full_omega: dict[str, torch.Tensor]
     except ValueError as e:
         wrong_method = str(e)
     return {"equal": torch.equal(fresh.omega, method.omega) and torch.equal(fresh.anchor, method.anchor),
-            "tasks": fresh.tasks, "meta": meta,
+            "tasks": fresh.tasks, "meta": info["meta"],
             "repartitioned": all(torch.equal(tensors["omega"].narrow(0, s.flat_offset, s.numel),
                                              full_omega[n].reshape(-1)) for n, s in specs.items()),
             "wrong_method": wrong_method}

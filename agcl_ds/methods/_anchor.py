@@ -22,7 +22,6 @@ optimizer state, gates and the model's train/eval mode are left as they were.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -32,15 +31,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 from agcl_ds import distributed as D
 from agcl_ds.attribution import pick_samples
 from agcl_ds.config import ConfigError
 from agcl_ds.data.collate import IGNORE, Tokenizer, collate
+from agcl_ds.importance import flatstate
 from agcl_ds.importance.partition import FlatLayout, flat_layout, grad_segments
-from agcl_ds.importance.store import _all_gather_object, _write_atomic, fingerprint
 from agcl_ds.methods.base import Method
 
 if TYPE_CHECKING:
@@ -49,8 +46,8 @@ if TYPE_CHECKING:
     from agcl_ds.loop import RunContext
 
 CHUNK = 1 << 22  # elements per fp32 temporary (penalty, statistic)
-FORMAT = "agcl_ds.anchor/1"
 SUBDIR = "anchor"
+STATE = flatstate.Format("agcl_ds.anchor/2", "anchor state")  # /1 had no checksums
 
 
 @dataclass
@@ -247,64 +244,19 @@ class AnchorMethod(Method):
 
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str) -> None:
+        """Collective: Ω and θ* in `<folder>/anchor/`, this rank's flat layout (`flatstate.save`)."""
         tensors = {} if self.omega is None else {"omega": self.omega, "anchor": self.anchor}
-        save_flat(folder, self.layout, tensors, {"method": self.name, "tasks": self.tasks})
+        flatstate.save(Path(folder) / SUBDIR, STATE, self.layout.specs, self.layout.stage, tensors,
+                       {"meta": {"method": self.name, "tasks": self.tasks}})
 
     def load(self, folder: str) -> None:
-        tensors, meta = load_flat(folder, self.layout)
+        """What `save` wrote, re-partitioned when the saved world size or ZeRO stage differs."""
+        layout = self.layout
+        tensors, info = flatstate.load(Path(folder) / SUBDIR, STATE, layout.specs, layout.numel, torch.float32,
+                                       layout.device)
+        meta = info["meta"]
         if meta.get("method") != self.name:
             raise ValueError(f"the anchor state in {folder} belongs to method {meta.get('method')!r}, "
                              f"not {self.name!r}")
         self.omega, self.anchor = tensors.get("omega"), tensors.get("anchor")
         self.tasks = list(meta["tasks"])
-
-
-def _rank_specs(layout: FlatLayout) -> dict[str, list[int]]:
-    return {n: [s.start, s.numel, s.flat_offset] for n, s in layout.specs.items()}
-
-
-def save_flat(folder: str, layout: FlatLayout, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Collective: `<folder>/anchor/rank{r}.safetensors` (flat tensors) per rank, then rank 0's meta.json.
-
-    Integrity is the checkpoint's business (its manifest hashes every file); the meta records what
-    loading needs to check the model (fingerprint) and to re-partition for another layout.
-    """
-    out = Path(folder) / SUBDIR
-    out.mkdir(parents=True, exist_ok=True)
-    r = D.rank()
-    _write_atomic(out / f"rank{r}.safetensors", st_save({k: v.cpu() for k, v in tensors.items()},
-                                                        metadata={"format": FORMAT}))
-    everyone = _all_gather_object(_rank_specs(layout), D.world_size())
-    if r == 0:
-        info = {"format": FORMAT, "fingerprint": fingerprint(layout.specs), "world_size": D.world_size(),
-                "zero_stage": layout.stage, "tensors": sorted(tensors), "rank_specs": everyone, "meta": meta}
-        _write_atomic(out / "meta.json", json.dumps(info, indent=1, sort_keys=True).encode())
-    D.barrier()
-
-
-def load_flat(folder: str, layout: FlatLayout) -> tuple[dict[str, torch.Tensor], dict]:
-    """This rank's flat tensors and the caller's meta from `save_flat`, re-partitioned when the saved
-    layout differs (world size, ZeRO stage): every saved shard is read in slices where it overlaps ours."""
-    path = Path(folder) / SUBDIR / "meta.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no anchor state at {path}") from None
-    if info.get("format") != FORMAT or info["fingerprint"] != fingerprint(layout.specs):
-        raise ValueError(f"the anchor state in {folder} is not {FORMAT!r} state of this model (format or parameter "
-                         "names/shapes fingerprint differs)")
-    saved, mine = info["rank_specs"], _rank_specs(layout)
-    same = info["world_size"] == D.world_size() and saved[D.rank()] == mine
-    sources = [D.rank()] if same else [r for r, s in enumerate(saved) if s not in saved[:r]]
-    out = {k: torch.zeros(layout.numel, dtype=torch.float32) for k in info["tensors"]}
-    for r in sources if out else []:
-        with safe_open(str(path.parent / f"rank{r}.safetensors"), framework="pt") as f:
-            for key, flat in out.items():
-                part = f.get_slice(key)
-                for name, spec in layout.specs.items():
-                    start, numel, offset = saved[r][name]
-                    a, b = max(spec.start, start), min(spec.start + spec.numel, start + numel)
-                    if a < b:
-                        flat[spec.flat_offset + a - spec.start:spec.flat_offset + b - spec.start] = \
-                            part[offset + a - start:offset + b - start]
-    return {k: v.to(layout.device) for k, v in out.items()}, info["meta"]
