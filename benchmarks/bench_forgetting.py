@@ -26,9 +26,10 @@ import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 
 from _runs import ROOT, diagonal, fmt, run_one
+
+from agcl_ds.fileio import write_atomic
 
 MODEL_DIR = os.path.join(ROOT, ".cache", "agcl_ds", "models", "SmolLM2-135M-Instruct")
 METHODS = ["seq", "ewc", "mas", "freeze", "replay", "agcl", "agcl_replay"]
@@ -61,7 +62,7 @@ def ensure_model(dest: str = MODEL_DIR) -> str:
 
 
 def write_section(path: str, marker: str, text: str) -> None:
-    """Replace (or append) the block between `<!-- marker -->` lines; written to a temp file, then renamed."""
+    """Replace (or append) the block between `<!-- marker -->` lines, atomically."""
     begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     old = open(path).read() if os.path.isfile(path) else "# Benchmark results\n"
     block = f"{begin}\n{text.rstrip()}\n{end}"
@@ -69,10 +70,7 @@ def write_section(path: str, marker: str, text: str) -> None:
         new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    write_atomic(path, new.encode())
 
 
 def plot(rows: dict[str, list[dict]], path: str) -> None:
