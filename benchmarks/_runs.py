@@ -25,9 +25,14 @@ VARIANTS: dict[str, list[str]] = {
     "minmax": ["method.options={attribution: {normalize: minmax}}"],
     "minmaxgrad": ["method.options={gate_on: grad, attribution: {normalize: minmax}}"],
     "half": ["method.options={alpha: 0.5}"],
+    "top30": ["method.options={attribution: {top_frac: 0.3}}"],
     "top50": ["method.options={attribution: {top_frac: 0.5}}"],
+    "n128": ["method.options={attribution: {n_samples: 128}}"],
+    "k16": ["method.options={attribution: {k: 16, n_samples: 128}}"],
+    "power": ["method.options={attribution: {aggregate: power}}"],
     "random": ["method.options={attribution: {source: random}}"],
     "gold": ["method.options={attribution: {target: gold}}"],
+    "loss": ["method.options={attribution: {target: loss}}"],
     "gradxw": ["method.options={attribution: {source: grad_x_weight}}"],
 }
 
