@@ -25,12 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = {"auto": None, "on": True, "off": False}
 
 
-def _measure(engine, gate, seq: int, vocab: int, warmup: int, steps: int) -> tuple[float, float]:
+def _measure(engine, gate, batch: int, seq: int, vocab: int, warmup: int, steps: int) -> tuple[float, float]:
     """Median iteration and median gate seconds per step."""
     rank = torch.distributed.get_rank()
     it, gt = [], []
     for k in range(warmup + steps):
-        x = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(100 * k + rank))
+        x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(100 * k + rank))
         torch.distributed.barrier()
         g0, t0 = gate.elapsed_s, time.perf_counter()
         engine.backward(engine(input_ids=x, labels=x).loss)
@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 
     rows = []
     for model in args.models:
-        engine = zero3_llama(model, 2, args.dtype)
+        engine = zero3_llama(model, args.micro_batch, args.dtype)
         g = torch.Generator().manual_seed(rank)
         specs = local_shards(engine)
         rbar = {n: torch.rand(s.numel, generator=g).to(torch.bfloat16) for n, s in specs.items()}
@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         for mode in args.modes:
             gate = Gate(engine, gate_on=mode, keep_snapshot=KEEP[args.keep_snapshot])
             gate.set_importance(rbar)
-            it, gt = _measure(engine, gate, MODELS[model][6], MODELS[model][5], args.warmup, steps)
+            it, gt = _measure(engine, gate, args.micro_batch, MODELS[model][6], MODELS[model][5], args.warmup, steps)
             rows.append((model, n_params, mode, gate.mode, it, gt, steps))
             gate.detach()
         del engine
@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="sequences per rank per step: the gate's cost is per step, the step's grows with it")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--modes", nargs="+", choices=["grad", "update", "auto"], default=["grad", "auto"])
     p.add_argument("--keep-snapshot", choices=["auto", "on", "off"], default="auto",
@@ -90,7 +92,7 @@ def main() -> None:
     t0 = time.perf_counter()
     mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
     rows = queue.get()
-    print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), AdamW, {args.dtype}, micro-batch 2, "
+    print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), AdamW, {args.dtype}, micro-batch {args.micro_batch}, "
           f"keep_snapshot={args.keep_snapshot}; medians; "
           f"wall {time.perf_counter() - t0:.0f} s")
     print(f"{'model':>6} {'params':>11} {'gate_on':>12} {'steps':>5} {'step ms':>9} {'gate ms':>8} "
