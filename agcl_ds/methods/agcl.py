@@ -36,6 +36,7 @@ class AgclOptions:
     alpha: float = 1.0  # s = 1 - alpha * R̄
     importance_from: Literal["continual", "single_task"] = "continual"
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
+    keep_task_maps: bool = False  # also keep each task's map in the store (+2 bytes/param per task), for `agcl overlap`
 
 
 class Agcl(Method):
@@ -61,7 +62,7 @@ class Agcl(Method):
             raise ModelError(f"method agcl: {e}") from None
         meta = {"rules": self.options.attribution.variant, "attribution": asdict(self.options.attribution),
                 "importance_from": self.options.importance_from}
-        self.store = ImportanceStore.for_engine(ctx.engine, meta=meta)
+        self.store = ImportanceStore.for_engine(ctx.engine, keep_tasks=self.options.keep_task_maps, meta=meta)
         self.device = flat_layout(ctx.engine).device
         self.gate = attach_gate(ctx.engine, None, gate_on=self.options.gate_on, alpha=self.options.alpha)
         ctx.log.event("gate", mode=self.gate.mode, alpha=self.options.alpha)
