@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from agcl_ds.data.tasks import Example
 from agcl_ds.distributed import is_main
+from agcl_ds.fileio import write_json
 from agcl_ds.methods.base import Method
 
 if TYPE_CHECKING:
@@ -51,8 +52,7 @@ class Replay(Method):
 
     def save(self, folder: str) -> None:
         if is_main():
-            with open(os.path.join(folder, "replay.json"), "w") as f:
-                json.dump([[e.prompt, e.answer] for e in self.buffer], f)
+            write_json(os.path.join(folder, "replay.json"), [[e.prompt, e.answer] for e in self.buffer], indent=None)
 
     def load(self, folder: str) -> None:
         with open(os.path.join(folder, "replay.json")) as f:
