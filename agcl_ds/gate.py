@@ -181,25 +181,26 @@ class Gate:
         if self._rbar is None:
             return
         t0 = time.perf_counter()
-        stepped = [t for group in opt.param_groups for t in group["params"]
-                   if t.grad is not None and id(t) in self._master_offset]
-        used: dict[torch.dtype, int] = {}
-        for t in stepped:
-            used[t.dtype] = used.get(t.dtype, 0) + t.numel()
-        pools = {}
-        for dtype, numel in used.items():
-            pool = self._pool.get(dtype)
-            if pool is None or pool.numel() < numel:
-                pool = torch.empty(numel, dtype=dtype, device=self.layout.device)
-                if self.keep_snapshot:
-                    self._pool[dtype] = pool
-            pools[dtype] = pool
-        used.clear()
-        for t in stepped:
-            off = used.get(t.dtype, 0)
-            self._snap[id(t)] = pools[t.dtype].narrow(0, off, t.numel()).copy_(t.detach().reshape(-1))
-            used[t.dtype] = off + t.numel()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for group in opt.param_groups:
+            for t in group["params"]:
+                if t.grad is not None and id(t) in self._master_offset:
+                    by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype, stepped in by_dtype.items():
+            pool, off = self._snapshot_buffer(dtype, sum(t.numel() for t in stepped)), 0
+            for t in stepped:
+                self._snap[id(t)] = pool.narrow(0, off, t.numel()).copy_(t.detach().reshape(-1))
+                off += t.numel()
         self.elapsed_s += time.perf_counter() - t0
+
+    def _snapshot_buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """At least `numel` elements for this step's copies: the kept buffer when it is large enough."""
+        pool = self._pool.get(dtype)
+        if pool is None or pool.numel() < numel:
+            pool = torch.empty(numel, dtype=dtype, device=self.layout.device)
+            if self.keep_snapshot:
+                self._pool[dtype] = pool
+        return pool
 
     @torch.no_grad()
     def _blend(self, opt, args, kwargs) -> None:
