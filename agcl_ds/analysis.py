@@ -33,10 +33,10 @@ import torch
 
 from agcl_ds.importance.partition import full_specs
 from agcl_ds.importance.store import SUBDIR, ImportanceStore, read_meta
+from agcl_ds.models import BLOCK_NAME
 
 Maps = dict[str, dict[str, torch.Tensor]]  # task -> parameter name -> full importance tensor
 METRICS = ("jaccard", "overlap")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class OverlapRow:
 
 def layer_group(name: str) -> str:
     """'layer 3' for model.layers.3.* (transformer.h.3.*, ...); embed / final norm / lm_head / other."""
-    m = _LAYER.search(name)
+    m = BLOCK_NAME.search(name)
     if m:
         return f"layer {int(m.group(1))}"
     if "lm_head" in name:
@@ -96,7 +96,7 @@ def layer_group(name: str) -> str:
 
 def module_group(name: str) -> str:
     """The parameter's name without its layer index and model prefix: every layer's q_proj.weight together."""
-    m = _LAYER.search(name)
+    m = BLOCK_NAME.search(name)
     return name[m.end():] if m else layer_group(name)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -193,6 +194,10 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
         raise ModelError(f"model: tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
     return LoadedModel(model=model, tokenizer=tok, zero3_handle=handle)
+
+
+# a parameter inside Transformer block i: model.layers.i.… (Llama family), transformer.h.i.… (GPT-2), …
+BLOCK_NAME = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -22,13 +22,13 @@ import torch
 from agcl_ds.config import ConfigError
 from agcl_ds.gate import Gate, attach_gate
 from agcl_ds.methods.base import Method
+from agcl_ds.models import BLOCK_NAME
 
 if TYPE_CHECKING:
     from agcl_ds.data.tasks import Task
     from agcl_ds.importance.partition import ShardSpec
     from agcl_ds.loop import RunContext
 
-BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_positions|wte|wpe|lm_head)\.")
 
 
@@ -40,12 +40,12 @@ class FreezeOptions:
 
 def frozen_names(names: list[str], fraction: float, embeddings: bool) -> tuple[list[str], list[int]]:
     """The parameter names the policy freezes, and the frozen block indices (bottom first)."""
-    blocks = sorted({int(m.group(1)) for n in names if (m := BLOCK.search(n))})
+    blocks = sorted({int(m.group(1)) for n in names if (m := BLOCK_NAME.search(n))})
     if not blocks:
         raise ConfigError("method.name: freeze found no Transformer blocks among the trained parameters "
                           "(expected names like '….layers.<i>.…' or '….h.<i>.…')")
     frozen = set(blocks[:math.floor(fraction * len(blocks))])
-    chosen = [n for n in names if ((m := BLOCK.search(n)) and int(m.group(1)) in frozen)
+    chosen = [n for n in names if ((m := BLOCK_NAME.search(n)) and int(m.group(1)) in frozen)
               or (embeddings and EMBEDDING.search(n))]
     if not chosen:
         raise ConfigError(f"method.options.fraction: {fraction} of {len(blocks)} trainable blocks freezes none of "
