@@ -21,7 +21,6 @@ from safetensors.torch import save as st_save
 
 from agcl_ds.fileio import write_atomic
 from agcl_ds.importance import flatstate
-from agcl_ds.importance.flatstate import fingerprint as fingerprint  # part of the store's API
 from agcl_ds.importance.partition import ShardSpec, flat_layout, flat_numel
 
 FORMAT = "agcl_ds.importance/1"
