@@ -56,6 +56,29 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
         return json.load(f)
 
 
+def run_grid(config: str, ds: str, seeds: list[int], methods: list[str], extra: list[str], out: str,
+             nproc: int) -> dict[str, list[dict]]:
+    """Every (seed, method) run, seed by seed, each printed as it finishes; results (with "diag") per method."""
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for method in methods:
+            res = run_one(config, ds, seed, method, extra, out, nproc)
+            res["diag"] = diagonal(res)
+            rows.setdefault(method, []).append(res)
+            print(f"seed {seed} {method:<14} OP {res['OP']:.3f}  BWT {res['BWT']:+.3f}  FWT {res['FWT']:+.3f}  "
+                  f"diag {res['diag']:.3f}", flush=True)
+    return rows
+
+
+def table(rows: dict[str, list[dict]], keys: list[str]) -> str:
+    """Markdown table: mean ± std over seeds of each of `keys` ("diag" = learned when current), per method."""
+    names = [k if k != "diag" else "diag (learned when current)" for k in keys]
+    lines = [f"| method | {' | '.join(names)} | seeds |", "|---" * (len(keys) + 2) + "|"]
+    for m, rs in rows.items():
+        lines.append(f"| {m} | " + " | ".join(fmt([r[k] for r in rs]) for k in keys) + f" | {len(rs)} |")
+    return "\n".join(lines)
+
+
 def diagonal(res: dict) -> float:
     """Mean accuracy of each task right after it was learned (did the method still learn?)."""
     return statistics.fmean(res["matrix"][i][i] for i in range(len(res["tasks"])))

@@ -27,7 +27,7 @@ import os
 import statistics
 import sys
 
-from _runs import ROOT, diagonal, fmt, run_one
+from _runs import ROOT, run_grid, table
 
 from agcl_ds.fileio import write_atomic
 
@@ -125,21 +125,10 @@ def main() -> None:
     extra = [f"model.path={model}", f"data.path={os.path.abspath(args.data)}", *setting["overrides"],
              *(QUICK if args.quick else []), *args.overrides]
     print(f"setting {tag}: {' '.join(extra)}", flush=True)
-    rows: dict[str, list[dict]] = {}
-    for seed in seeds:
-        for method in methods:
-            res = run_one("configs/cl_smollm2.yaml", setting["ds"], seed, method, extra, out, args.nproc)
-            res["diag"] = diagonal(res)
-            rows.setdefault(method, []).append(res)
-            print(f"seed {seed} {method:<14} OP {res['OP']:.3f}  BWT {res['BWT']:+.3f}  FWT {res['FWT']:+.3f}  "
-                  f"diag {res['diag']:.3f}", flush=True)
+    rows = run_grid("configs/cl_smollm2.yaml", setting["ds"], seeds, methods, extra, out, args.nproc)
     tasks = rows[methods[0]][0]["tasks"]
-    lines = ["| method | OP | BWT | FWT | diag (learned when current) | seeds |", "|---|---|---|---|---|---|"]
-    for m, rs in rows.items():
-        lines.append(f"| {m} | " + " | ".join(fmt([r[k] for r in rs]) for k in ("OP", "BWT", "FWT", "diag"))
-                     + f" | {len(rs)} |")
-    table = "\n".join(lines)
-    print("\n" + table)
+    table_md = table(rows, ["OP", "BWT", "FWT", "diag"])
+    print("\n" + table_md)
     baselines = {m: statistics.fmean(r["BWT"] for r in rs) for m, rs in rows.items() if not m.startswith("agcl")}
     if args.results:
         png = os.path.join(os.path.dirname(os.path.abspath(args.results)), f"forgetting_{tag}.png")
@@ -147,7 +136,7 @@ def main() -> None:
         write_section(args.results, f"bench_forgetting:{tag}",
                       f"`configs/cl_smollm2.yaml`, `{setting['ds']}`, tasks in order {' → '.join(tasks)}; "
                       f"overrides: {' '.join(f'`{o}`' for o in extra[2:]) or 'none'}. "
-                      f"Plot: `{os.path.relpath(png, os.path.dirname(os.path.abspath(args.results)))}`.\n\n{table}")
+                      f"Plot: `{os.path.relpath(png, os.path.dirname(os.path.abspath(args.results)))}`.\n\n{table_md}")
     if "agcl" in rows and baselines:
         best = max(baselines, key=baselines.get)
         agcl = statistics.fmean(r["BWT"] for r in rows["agcl"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from _runs import ROOT, diagonal, fmt, run_one
+from _runs import ROOT, fmt, run_grid, table
 
 
 def main() -> None:
@@ -24,20 +24,11 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    rows = {}
-    for seed in args.seeds:
-        for method in args.methods:
-            res = run_one("configs/demo.yaml", "ds_configs/zero3.json", seed, method, args.overrides, args.out,
-                          args.nproc)
-            diag = diagonal(res)
-            rows.setdefault(method, []).append((res["OP"], res["BWT"], diag))
-            print(f"seed {seed} {method:<14} OP {res['OP']:.3f}  BWT {res['BWT']:+.3f}  diag {diag:.3f}", flush=True)
-    print("\n| method | OP | BWT | diag (learned when current) | seeds |\n|---|---|---|---|---|")
-    for method, vals in rows.items():
-        print(f"| {method} | {fmt([v[0] for v in vals])} | {fmt([v[1] for v in vals])} | "
-              f"{fmt([v[2] for v in vals])} | {len(vals)} |")
+    rows = run_grid("configs/demo.yaml", "ds_configs/zero3.json", args.seeds, args.methods, args.overrides, args.out,
+                    args.nproc)
+    print("\n" + table(rows, ["OP", "BWT", "diag"]))
     if "seq" in rows and "agcl" in rows:
-        gap = [a[1] - s[1] for a, s in zip(rows["agcl"], rows["seq"], strict=True)]
+        gap = [a["BWT"] - s["BWT"] for a, s in zip(rows["agcl"], rows["seq"], strict=True)]
         print(f"\nagcl BWT - seq BWT = {fmt(gap)} (per-seed differences)")
 
 
