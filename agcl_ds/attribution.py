@@ -72,8 +72,8 @@ def _owner_ranges(specs: dict[str, ShardSpec]) -> dict[str, list[tuple[int, int]
 class _Router:
     """Receives row blocks from the hooks and feeds each rank's aggregator with its own slice."""
 
-    def __init__(self, specs: dict[str, ShardSpec], opts: AttributionOptions, batch: int, device) -> None:
-        self.specs, self.opts, self.batch, self.device = specs, opts, batch, device
+    def __init__(self, specs: dict[str, ShardSpec], opts: AttributionOptions, device) -> None:
+        self.specs, self.opts, self.device = specs, opts, device
         self.ranges = _owner_ranges(specs)
         self.world = D.world_size()
         self.reduce = dist_reduce() if dist.is_initialized() and self.world > 1 else local_reduce
@@ -99,10 +99,15 @@ class _Router:
         a, b = max(spec.start, lo), min(spec.start + spec.numel, hi)
         own = (a - spec.start, max(0, b - a))
         if self.opts.aggregate == "topk":
-            pad = self.batch - n_kept
-            received = self._exchange([torch.cat([p, p.new_zeros(pad, p.shape[1])]) if pad else p
-                                       for p in pieces], own[1], self.batch)
+            # pad to the most samples any rank kept, not to the micro-batch: with `only_correct`, or
+            # with fewer samples than ranks × micro-batch (64 samples on 64 ranks), most rows would be zeros
             counts = self._counts(n_kept)
+            most = max(counts)
+            if most == 0:  # the same on every rank: nobody kept a sample, nothing to exchange
+                return
+            pad = most - n_kept
+            received = self._exchange([torch.cat([p, p.new_zeros(pad, p.shape[1])]) if pad else p
+                                       for p in pieces], own[1], most)
             rows = torch.cat([blk[:c] for blk, c in zip(received, counts, strict=True)])
             self._update(name, own, rows)
         else:
@@ -175,7 +180,7 @@ def attribute(engine, tok: Tokenizer, examples: list[Example], opts: Attribution
     samples = pick_samples(examples, opts.n_samples, seed)
     mine = samples[D.rank()::D.world_size()]
     n_batches = math.ceil(len(samples) / (D.world_size() * opts.micro_batch_size))
-    router = _Router(specs, opts, opts.micro_batch_size, D.device())
+    router = _Router(specs, opts, D.device())
     module = engine.module
     was_training = module.training
     rules = lrp_rules(module, variant=opts.variant) if opts.source == "lrp" else contextlib.nullcontext()
