@@ -1,7 +1,9 @@
 """Gate overhead: time spent in the gate vs the whole training step, measured in the same run.
 
 ZeRO-3 on 2 CPU ranks (gloo, spawned here), a tiny and a ~50M-parameter Llama, AdamW with a random R̄ in
-[0, 1]. For each step we record the iteration time (forward + backward + engine.step) and the gate's own
+[0, 1], 8 sequences per rank per step by default (1024 tokens for the 50M model, as many per rank as the
+70B recipe; the gate's share falls as tokens per step grow: --micro-batch 2 shows a smaller workload).
+For each step we record the iteration time (forward + backward + engine.step) and the gate's own
 time (`Gate.elapsed_s`); a row reports the medians over N steps. The last line is the 50M model under
 the default gate (`auto` -> `update` for AdamW).
 
@@ -76,8 +78,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--micro-batch", type=int, default=2,
-                   help="sequences per rank per step: the gate's cost is per step, the step's grows with it")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per rank per step: the gate's cost is per step, the step's grows with it; "
+                        "8 x 128 = 1024 tokens per rank, the 70B recipe's 2 x 512 (configs/llama70b.yaml)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--modes", nargs="+", choices=["grad", "update", "auto"], default=["grad", "auto"])
     p.add_argument("--keep-snapshot", choices=["auto", "on", "off"], default="auto",
