@@ -83,6 +83,7 @@ class _Router:
         else:
             self.agg = {n: PowerMean(s.numel, opts.power, device=device) for n, s in specs.items()}
         self.kept = 0  # samples on this rank whose maps were emitted
+        self._buffers = [torch.empty(0, device=device), torch.empty(0, device=device)]
 
     def __call__(self, name: str, param, abs_r: torch.Tensor, row_start: int) -> None:
         if name not in self.specs:  # frozen parameter (e.g. the base of a LoRA model): not gated
@@ -105,14 +106,11 @@ class _Router:
             most = max(counts)
             if most == 0:  # the same on every rank: nobody kept a sample, nothing to exchange
                 return
-            pad = most - n_kept
-            received = self._exchange([torch.cat([p, p.new_zeros(pad, p.shape[1])]) if pad else p
-                                       for p in pieces], own[1], most)
-            rows = torch.cat([blk[:c] for blk, c in zip(received, counts, strict=True)])
-            self._update(name, own, rows)
+            for blk, c in zip(self._exchange(pieces, own[1], most), counts, strict=True):
+                self._update(name, own, blk[:c])
         else:
             agg = self.agg[name]
-            received = self._exchange([agg.partial(p)[None] for p in pieces], own[1], 1)
+            received = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], own[1], 1)
             if own[1]:
                 agg.sum[own[0]:own[0] + own[1]] += torch.stack([r[0] for r in received]).sum(0)
 
@@ -125,13 +123,30 @@ class _Router:
         return t.tolist()
 
     def _exchange(self, pieces: list[torch.Tensor], own_len: int, rows: int) -> list[torch.Tensor]:
-        """all_to_all: piece r goes to rank r; returns what every rank sent here ([rows, own_len] each)."""
+        """all_to_all: piece r ([<= rows, n_r], zero-padded to `rows`) goes to rank r; returns what every rank
+        sent here ([rows, own_len] each, valid until the next call).
+
+        Both sides go through buffers kept for the whole pass: on CPU a fresh block-sized tensor per call
+        pays its page faults every time."""
         if self.world == 1:
             return pieces
-        send = torch.cat([p.reshape(-1) for p in pieces]).contiguous()
-        recv = send.new_empty(self.world * rows * own_len)
-        dist.all_to_all_single(recv, send, [rows * own_len] * self.world, [p.numel() for p in pieces])
+        send = self._buffer(0, rows * sum(p.shape[1] for p in pieces))
+        off = 0
+        for p in pieces:
+            slot = send[off:off + rows * p.shape[1]].view(rows, p.shape[1])
+            slot[:p.shape[0]].copy_(p)
+            slot[p.shape[0]:].zero_()
+            off += slot.numel()
+        recv = self._buffer(1, self.world * rows * own_len)
+        dist.all_to_all_single(recv, send, [rows * own_len] * self.world, [rows * p.shape[1] for p in pieces])
         return list(recv.view(self.world, rows, own_len).unbind(0))
+
+    def _buffer(self, which: int, numel: int) -> torch.Tensor:
+        """The first `numel` elements of exchange buffer `which` (0 send, 1 receive), grown when too small."""
+        buf = self._buffers[which]
+        if buf.numel() < numel:
+            buf = self._buffers[which] = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return buf[:numel]
 
     def _update(self, name: str, own: tuple[int, int], rows: torch.Tensor) -> None:
         offset, length = own

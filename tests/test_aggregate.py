@@ -40,16 +40,22 @@ def test_topk_mean_matches_naive(k):
     torch.testing.assert_close(few.result(), vals[:4].mean(0))  # fewer samples than K: mean of all seen
 
 
-def test_power_mean_matches_naive_and_is_sum_reducible():
+@pytest.mark.parametrize("p", [3.0, 4.0])  # 4: the in-place squaring path
+def test_power_mean_matches_naive_and_is_sum_reducible(p):
     vals = heavy_tailed(12, 40).log1p()
-    agg = PowerMean(40, p=3.0, dtype=torch.float64)
+    agg = PowerMean(40, p=p, dtype=torch.float64)
     for chunk in vals.split(5):
         agg.update(chunk)
-    ref = vals.double().pow(3).mean(0).pow(1 / 3)
+    ref = vals.double().pow(p).mean(0).pow(1 / p)
     torch.testing.assert_close(agg.result(), ref, rtol=1e-12, atol=0)
-    split = PowerMean(40, p=3.0, dtype=torch.float64)  # two "ranks": sum their partials, then add once
+    split = PowerMean(40, p=p, dtype=torch.float64)  # two "ranks": sum their partials, then add once
+    before = vals.clone()
     split.add(split.partial(vals[:7]) + split.partial(vals[7:]), 12)
+    assert torch.equal(vals, before)  # partial leaves the caller's values alone unless told to consume them
     torch.testing.assert_close(split.result(), ref, rtol=1e-12, atol=0)
+    handed = vals.double()[:, 5:25]  # a column slice, as the router hands over
+    torch.testing.assert_close(split.partial(handed, consume=True), before.double()[:, 5:25].pow(p).sum(0),
+                               rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match=r"\[B, 40\]"):
         agg.update(vals[0])
 

@@ -31,7 +31,7 @@ Target = Literal["predicted", "gold", "loss"]
 Positions = Literal["all", "first"]
 # consumer(name, param, |R| of rows [row_start, row_start + rows) for the kept samples, row_start)
 Consumer = Callable[[str, nn.Parameter, torch.Tensor, int], None]
-# a per-sample signed gradient block: (row_start, row_end) -> Tensor[B, rows, *param.shape[1:]]
+# a per-sample signed gradient block: (row_start, row_end) -> a new Tensor[B, rows, *param.shape[1:]]
 _Part = Callable[[int, int], torch.Tensor]
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 256 MiB of fp32 per block
@@ -213,10 +213,10 @@ class PerSampleRelevance:
             return [(mod.weight, lambda r0, r1: _embedding_block(x, g, r0, r1, pad))]
         if kind == "norm":
             gw = _tokens(g * normalized_input(mod, x).to(g.dtype)).sum(1)
-            out = [(mod.weight, lambda r0, r1: gw[:, r0:r1])] if mod.weight is not None else []
+            out = [(mod.weight, lambda r0, r1: gw[:, r0:r1].clone())] if mod.weight is not None else []
             if getattr(mod, "bias", None) is not None:
                 gb = _tokens(g).sum(1)
-                out.append((mod.bias, lambda r0, r1: gb[:, r0:r1]))
+                out.append((mod.bias, lambda r0, r1: gb[:, r0:r1].clone()))
             return out
         g, x = _tokens(g), _tokens(x).to(g.dtype)
         live = (g != 0).any(-1).any(0)  # positions no sample's gradient reaches (e.g. after the answer)
@@ -240,13 +240,13 @@ class PerSampleRelevance:
         dt = torch.promote_types(w.dtype, torch.float32)
         for r0 in range(0, w.shape[0], step):
             r1 = min(w.shape[0], r0 + step)
-            if s.parts:
-                grad = s.parts[0](r0, r1)
+            if s.parts:  # each part is a new tensor: summed and scaled in place (no block-sized temporaries)
+                grad = s.parts[0](r0, r1).to(dt)
                 for part in s.parts[1:]:
-                    grad = grad + part(r0, r1)
+                    grad.add_(part(r0, r1))
             else:
                 grad = w.new_zeros((n, r1 - r0, *w.shape[1:]), dtype=dt)
-            self.consumer(self.names[pid], p, (grad * w[r0:r1].to(dt)).abs_(), r0)
+            self.consumer(self.names[pid], p, grad.mul_(w[r0:r1].to(dt)).abs_(), r0)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
