@@ -243,8 +243,8 @@ def print_report(rows: list[dict], args: argparse.Namespace, wall: float) -> Non
             parts = breakdown(r["stages"][name])
             share = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if abs(v) >= 0.005)
             print(f"  {r['model']:>5} {name:>5}: {share}")
-    print("\npeak RSS per rank (MiB): the attribution's extra over plain is its top-K buffer plus the copies of")
-    print("one relevance block along hook -> log-scale -> pad/cat -> all_to_all -> cat -> top-K (each block-sized):")
+    print("\npeak RSS per rank (MiB): the attribution's extra over plain is its top-K buffer plus one relevance")
+    print("block (hook, log-scaled in place) and the send and receive buffers of the exchange (each block-sized):")
     for r in rows:
         topk_buf = r["k"] * r["owned"] * 4
         block = min(1 << 26, r["micro_batch"] * MODELS[r["model"]][5] * MODELS[r["model"]][0]) * 4

@@ -223,17 +223,18 @@ def kth_largest(x: torch.Tensor, k: int, reduce: Reduce = local_reduce, bins: in
     lo, hi, n = _global_range(x, reduce)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    x, need = x.double(), k
+    xs, need = x, k  # the values still in the range: bins are monotone, so a bin holds all of them
     for _ in range(max_rounds):
         if not hi > lo:
             break
-        xs = x[(x >= lo) & (x <= hi)]
-        idx, counts = _histogram(xs, lo, hi, bins)
-        counts = reduce(counts, "sum")
+        # bins in x's own dtype: any monotone binning finds the same exact value, without a float64 copy
+        idx = (xs - lo).mul_(bins / (hi - lo)).floor_().clamp_(0, bins - 1).long()
+        counts = reduce(torch.bincount(idx, minlength=bins).double(), "sum")
         at_or_above = counts.flip(0).cumsum(0).flip(0)
         j = int((at_or_above >= need).nonzero().max())
         need -= int(at_or_above[j] - counts[j])
-        lo, hi, _ = _global_range(xs[idx == j], reduce)
+        xs = xs[idx == j]
+        lo, hi, _ = _global_range(xs, reduce)
     return lo
 
 
@@ -259,5 +260,5 @@ def normalize(x: torch.Tensor, method: Method, top_frac: float = 0.2, bins: int 
         if n == 0:
             return torch.zeros_like(x)
         tau = kth_largest(x, max(1, math.ceil(top_frac * n)), reduce)
-        return ((x.double() >= tau) & (x.double() > lo)).to(x.dtype)
+        return ((x >= tau) & (x > lo)).to(x.dtype)  # tau and lo are values of x: exact in its dtype
     raise ValueError(f"unknown normalisation {method!r}; expected 'minmax', 'rank' or 'topk'")
