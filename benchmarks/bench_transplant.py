@@ -4,7 +4,8 @@ The gate can only protect task 1 if task 1's accuracy is carried by the paramete
 marks. This measures that directly, for task 1 → task 2 of a family, without any gated training:
 
 - M1: the model after task 1; M2: after task 2 trained ungated from M1 (`seq`); M2g: after task 2
-  under the agcl gate; mask: agcl's R̄ after task 1 (its top-k% set, R̄ > 0).
+  under the agcl gate; M2r: after task 2 with replay (the best baseline on the real tasks, for
+  comparison); mask: agcl's R̄ after task 1 (its top-k% set, R̄ > 0).
 - keep-mask: M2 with the masked entries set back to their M1 values — task 1's important weights
   untouched, everything else moved as unconstrained training moved it.
 - keep-random: the same with a random set of the same size in every tensor (the chance level).
@@ -12,7 +13,7 @@ marks. This measures that directly, for task 1 → task 2 of a family, without a
 
 If task 1 lives in its mask, keep-mask recovers task 1 (and drift-mask loses it); if keep-mask scores
 like M2, the forgetting sits in the unmarked parameters and no gate on the mask can prevent it.
-Each (family, seed) is a `seq` and an `agcl` run of the family's config with its first two tasks
+Each (family, seed) is a `seq`, an `agcl` and a `replay` run of the family's config with its first two tasks
 (`benchmarks/_runs.py`, cached); the hybrids are scored offline in this process.
 
     python benchmarks/bench_transplant.py                         # both families, seeds 0 1 2
@@ -44,7 +45,7 @@ FAMILIES: dict[str, tuple[str, str, list[str]]] = {  # config, DeepSpeed JSON, o
     "synthetic": ("configs/demo.yaml", "ds_configs/zero3.json", ["data.tasks=[dec, add3]"]),
     "real": ("configs/cl_smollm2.yaml", "ds_configs/zero2.json", ["data.tasks=[dbpedia, SST-2]"]),
 }
-MODELS = ["M1", "M2", "M2g", "keep-mask", "keep-random", "drift-mask"]
+MODELS = ["M1", "M2", "M2g", "M2r", "keep-mask", "keep-random", "drift-mask"]
 
 
 def _after_task(run_dir: str, task: int) -> str:
@@ -95,7 +96,7 @@ def one_seed(family: str, seed: int, out: str, nproc: int, max_test: int) -> dic
     if family == "real":
         extra += [f"model.path={ensure_model()}", f"data.path={os.path.abspath(DATA)}"]
     runs = {}
-    for method in ("seq", "agcl"):
+    for method in ("seq", "agcl", "replay"):
         run_one(config, ds, seed, method, extra, out, nproc)
         runs[method] = os.path.join(out, f"seed{seed}", method, method)
     c1 = _after_task(runs["agcl"], 1)
@@ -110,8 +111,9 @@ def one_seed(family: str, seed: int, out: str, nproc: int, max_test: int) -> dic
         m1_agcl, _ = _weights(c1, tmp)
         m2, _ = _weights(_after_task(runs["seq"], 2), tmp)
         m2g, _ = _weights(_after_task(runs["agcl"], 2), tmp)
+        m2r, _ = _weights(_after_task(runs["replay"], 2), tmp)
     same_m1 = max(float((m1[n] - m1_agcl[n]).abs().max()) for n in m1)
-    variants = {"M1": m1, "M2": m2, "M2g": m2g, "keep-mask": _blend(m2, m1, mask),
+    variants = {"M1": m1, "M2": m2, "M2g": m2g, "M2r": m2r, "keep-mask": _blend(m2, m1, mask),
                 "keep-random": _blend(m2, m1, _random_like(mask, seed)), "drift-mask": _blend(m1, m2, mask)}
     ev = Evaluator(types.SimpleNamespace(module=model), build_tokenizer(cfg.model), cfg.data.max_seq_len,
                    cfg.evaluation.batch_size, cfg.evaluation.mode)
