@@ -180,9 +180,8 @@ def _global_range(x: torch.Tensor, reduce: Reduce) -> tuple[float, float, int]:
 
 
 def _histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bin index of each element, local counts) for `bins` equal bins over [lo, hi]."""
-    pos = (x.double() - lo) / (hi - lo) * bins
-    idx = pos.floor().clamp_(0, bins - 1).long()
+    """(bin index of each element, local counts) for `bins` equal bins over [lo, hi], computed in x's dtype."""
+    idx = (x - lo).div_(hi - lo).mul_(bins).floor_().clamp_(0, bins - 1).long()
     return idx, torch.bincount(idx, minlength=bins).double()
 
 
@@ -204,11 +203,12 @@ def quantile_rank(x: torch.Tensor, bins: int = 1 << 16, reduce: Reduce = local_r
     lo, hi, n = _global_range(x, reduce)
     if not hi > lo:
         return torch.zeros_like(x)
-    idx, counts = _histogram(x, lo, hi, bins)
+    xd = x.double()
+    idx, counts = _histogram(xd, lo, hi, bins)
     counts = reduce(counts, "sum")
     below = counts.cumsum(0) - counts
     width = (hi - lo) / bins
-    frac = ((x.double() - lo - idx.double() * width) / width).clamp_(0, 1)
+    frac = ((xd - lo - idx.double() * width) / width).clamp_(0, 1)
     return ((below[idx] + frac * counts[idx]) / n).clamp_(0, 1).to(x.dtype)
 
 
@@ -228,8 +228,8 @@ def kth_largest(x: torch.Tensor, k: int, reduce: Reduce = local_reduce, bins: in
         if not hi > lo:
             break
         # bins in x's own dtype: any monotone binning finds the same exact value, without a float64 copy
-        idx = (xs - lo).mul_(bins / (hi - lo)).floor_().clamp_(0, bins - 1).long()
-        counts = reduce(torch.bincount(idx, minlength=bins).double(), "sum")
+        idx, counts = _histogram(xs, lo, hi, bins)
+        counts = reduce(counts, "sum")
         at_or_above = counts.flip(0).cumsum(0).flip(0)
         j = int((at_or_above >= need).nonzero().max())
         need -= int(at_or_above[j] - counts[j])
