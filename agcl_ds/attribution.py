@@ -11,6 +11,13 @@ gathered. Every rank cuts the block into the ranges the ranks own (`partition.Sh
 rank's samples ([B, owned] from each rank); the power mean sends only the per-block partial sums
 Σ_b φ^p, i.e. the traffic of a reduce-scatter. Nothing ever sums |R| over samples before the
 absolute value is taken.
+
+Row-sparse blocks (embeddings, the output head: see `lrp.relevance`) carry only the rows their samples
+touch. The all-reduce that counts each rank's kept samples also ORs those rows over the ranks; every rank then
+sends its values for that union (zeros where it touched nothing) and each owner merges them into the matching
+columns of its buffer. The top-K buffer starts at φ = 0, so the rows nobody touched, whose φ is exactly 0,
+are left out of the merge without changing the result: on a 32k vocabulary that removes well over 99% of
+the embedding and head values from the hooks, the exchange and the merge.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class AttributionOptions:
     top_frac: float = 0.2  # for normalize: topk (binary mask of the top fraction per tensor)
     n_samples: int = 64  # training examples explained per task (over all ranks)
     micro_batch_size: int = 8  # per rank
+    block_elems: int = 1 << 23  # relevance values per kept sample in one hook block (memory: B × this × 4 bytes)
 
 
 def _owner_ranges(specs: dict[str, ShardSpec]) -> dict[str, list[tuple[int, int]]]:
@@ -69,6 +77,33 @@ def _owner_ranges(specs: dict[str, ShardSpec]) -> dict[str, list[tuple[int, int]
     return {n: [every[r][n] for r in range(D.world_size())] for n in mine}
 
 
+class _Layout:
+    """Where a block's values sit: element e of the flattened full tensor is column `pos(e)` of the block.
+
+    A dense block holds the elements of rows [block.start, block.stop) in order; a row-sparse block holds only
+    the rows `union` (sorted), `row` elements each, in order. Either way the elements of any range [a, b) of
+    the flat tensor are the contiguous columns [pos(a), pos(b)), which is what makes a rank's shard one slice.
+    """
+
+    def __init__(self, block: slice, union: torch.Tensor | None, row: int) -> None:
+        self.block, self.union, self.row = block, union, row
+
+    def pos(self, e: int) -> int:
+        if self.union is None:
+            return min(max(e - self.block.start * self.row, 0), (self.block.stop - self.block.start) * self.row)
+        r, within = divmod(e, self.row)
+        j = int(torch.searchsorted(self.union, r))
+        return j * self.row + (within if j < self.union.numel() and int(self.union[j]) == r else 0)
+
+    def columns(self, a: int, b: int, start: int) -> slice | torch.Tensor:
+        """The shard offsets (flat element − `start`) of block columns [a, b)."""
+        if self.union is None:
+            lo = self.block.start * self.row - start
+            return slice(lo + a, lo + b)
+        p = torch.arange(a, b, device=self.union.device)
+        return self.union[p // self.row] * self.row + p % self.row - start
+
+
 class _Router:
     """Receives row blocks from the hooks and feeds each rank's aggregator with its own slice."""
 
@@ -78,49 +113,56 @@ class _Router:
         self.world = D.world_size()
         self.reduce = dist_reduce() if dist.is_initialized() and self.world > 1 else local_reduce
         self.scale = {n: LogScale(reduce=self.reduce) for n in specs}
-        if opts.aggregate == "topk":
-            self.agg = {n: TopKMean(s.numel, opts.k, device=device) for n, s in specs.items()}
+        if opts.aggregate == "topk":  # φ >= 0: an entry a sample does not touch keeps the floor 0 (no-op)
+            self.agg = {n: TopKMean(s.numel, opts.k, device=device, floor=0.0) for n, s in specs.items()}
         else:
             self.agg = {n: PowerMean(s.numel, opts.power, device=device) for n, s in specs.items()}
         self.kept = 0  # samples on this rank whose maps were emitted
         self._buffers = [torch.empty(0, device=device), torch.empty(0, device=device)]
 
-    def __call__(self, name: str, param, abs_r: torch.Tensor, row_start: int) -> None:
+    def __call__(self, name: str, param, abs_r: torch.Tensor, block: slice, rows: torch.Tensor | None) -> None:
         if name not in self.specs:  # frozen parameter (e.g. the base of a LoRA model): not gated
             return
-        n_kept = abs_r.shape[0]
+        n_kept, m = abs_r.shape[:2]
         row = math.prod(abs_r.shape[2:])
-        lo, hi = row_start * row, (row_start + abs_r.shape[1]) * row
-        values = self.scale[name].inplace(abs_r.reshape(n_kept, hi - lo).float())  # n_kept may be 0
-        pieces = []
-        for start, end in self.ranges[name]:
-            a, b = max(start, lo), min(end, hi)
-            pieces.append(values[:, a - lo:b - lo] if a < b else values[:, :0])
+        topk = self.opts.aggregate == "topk"
+        counts, union = self._census(n_kept, block, rows) if topk or rows is not None else (None, None)
+        # pad to the most samples any rank kept, not to the micro-batch: with `only_correct`, or with fewer
+        # samples than ranks × micro-batch (64 samples on 64 ranks), most rows would be zeros
+        most = max(counts) if topk else 1
+        if most == 0:  # the same on every rank: nobody kept a sample, nothing to exchange
+            return
+        values = self.scale[name].inplace(abs_r.reshape(n_kept, m * row).float(),
+                                          numel=n_kept * (block.stop - block.start) * row)
+        if union is not None and union.numel() != m:  # rows other ranks touched and this one did not: zeros
+            spread = values.new_zeros(n_kept, union.numel(), row)
+            spread[:, torch.searchsorted(union, rows)] = values.view(n_kept, m, row)
+            values = spread.view(n_kept, union.numel() * row)
+        layout = _Layout(block, union, row)
+        pieces = [values[:, layout.pos(a):layout.pos(b)] for a, b in self.ranges[name]]
         spec = self.specs[name]
-        a, b = max(spec.start, lo), min(spec.start + spec.numel, hi)
-        own = (a - spec.start, max(0, b - a))
-        if self.opts.aggregate == "topk":
-            # pad to the most samples any rank kept, not to the micro-batch: with `only_correct`, or
-            # with fewer samples than ranks × micro-batch (64 samples on 64 ranks), most rows would be zeros
-            counts = self._counts(n_kept)
-            most = max(counts)
-            if most == 0:  # the same on every rank: nobody kept a sample, nothing to exchange
-                return
-            for blk, c in zip(self._exchange(pieces, own[1], most), counts, strict=True):
-                self._update(name, own, blk[:c])
+        lo, hi = layout.pos(spec.start), layout.pos(spec.start + spec.numel)
+        cols = layout.columns(lo, hi, spec.start)
+        if topk:
+            for blk, c in zip(self._exchange(pieces, hi - lo, most), counts, strict=True):
+                self._update(name, cols, blk[:c])
         else:
             agg = self.agg[name]
-            received = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], own[1], 1)
-            if own[1]:
-                agg.sum[own[0]:own[0] + own[1]] += torch.stack([r[0] for r in received]).sum(0)
+            received = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], hi - lo, 1)
+            if hi > lo:
+                agg.sum[cols] += torch.stack([r[0] for r in received]).sum(0)
 
-    def _counts(self, n_kept: int) -> list[int]:
-        if self.world == 1:
-            return [n_kept]
-        t = torch.zeros(self.world, dtype=torch.long, device=self.device)
+    def _census(self, n_kept: int, block: slice, rows: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:
+        """Samples kept on every rank and, for a row-sparse block, the rows any rank touched (one all-reduce)."""
+        extra = 0 if rows is None else block.stop - block.start
+        t = torch.zeros(self.world + extra, dtype=torch.long, device=self.device)
         t[D.rank()] = n_kept
-        dist.all_reduce(t)
-        return t.tolist()
+        if rows is not None:
+            t[self.world + rows - block.start] = 1
+        if self.world > 1:
+            dist.all_reduce(t)
+        union = None if rows is None else t[self.world:].nonzero().flatten() + block.start
+        return t[:self.world].tolist(), union
 
     def _exchange(self, pieces: list[torch.Tensor], own_len: int, rows: int) -> list[torch.Tensor]:
         """all_to_all: piece r ([<= rows, n_r], zero-padded to `rows`) goes to rank r; returns what every rank
@@ -148,11 +190,16 @@ class _Router:
             buf = self._buffers[which] = torch.empty(numel, dtype=torch.float32, device=self.device)
         return buf[:numel]
 
-    def _update(self, name: str, own: tuple[int, int], rows: torch.Tensor) -> None:
-        offset, length = own
-        if length == 0 or rows.shape[0] == 0:
+    def _update(self, name: str, cols: slice | torch.Tensor, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0 or rows.shape[1] == 0:
             return
-        insert_sorted(self.agg[name].buf[:, offset:offset + length], rows)
+        buf = self.agg[name].buf
+        if isinstance(cols, slice):
+            insert_sorted(buf[:, cols], rows)
+        else:  # the columns of a row-sparse block: merge a gathered copy, write it back
+            sub = buf[:, cols]
+            insert_sorted(sub, rows)
+            buf[:, cols] = sub
 
     def result(self) -> dict[str, torch.Tensor]:
         total = int(D.all_sum([float(self.kept)])[0])
@@ -160,10 +207,7 @@ class _Router:
         for name in sorted(self.specs):  # same order on every rank: normalise is collective
             agg = self.agg[name]
             agg.seen = total
-            raw = agg.result()
-            if self.opts.aggregate == "topk":
-                raw = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
-            out[name] = normalize(raw, self.opts.normalize, self.opts.top_frac, reduce=self.reduce)
+            out[name] = normalize(agg.result(), self.opts.normalize, self.opts.top_frac, reduce=self.reduce)
         return out
 
 
@@ -199,7 +243,7 @@ def attribute(engine, tok: Tokenizer, examples: list[Example], opts: Attribution
     module = engine.module
     was_training = module.training
     rules = lrp_rules(module, variant=opts.variant) if opts.source == "lrp" else contextlib.nullcontext()
-    with rules, PerSampleRelevance(module, router, wanted=specs) as hooks:
+    with rules, PerSampleRelevance(module, router, opts.block_elems, wanted=specs) as hooks:
         for b in range(n_batches):
             chunk = mine[b * opts.micro_batch_size:(b + 1) * opts.micro_batch_size] or mine[:1] or samples[:1]
             batch = {k: v.to(D.device()) for k, v in collate(tok, chunk, max_len).items()}

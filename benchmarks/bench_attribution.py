@@ -98,9 +98,9 @@ def instrument(clock: Clock) -> None:
         (PerSampleRelevance, "_backward", "backward_hook"),  # per-module hook, contains emit
         (PerSampleRelevance, "_emit", "emit"),  # per-sample G_b, |W ⊙ G_b|, contains route
         (attribution._Router, "__call__", "route"),  # log scale + exchange + aggregate
-        (LogScale, "__call__", "log_scale"),
+        (LogScale, "inplace", "log_scale"),
         (attribution._Router, "_exchange", "all_to_all"),
-        (attribution._Router, "_counts", "counts"),
+        (attribution._Router, "_census", "counts"),  # kept counts (+ touched rows), one all-reduce
         (attribution._Router, "_update", "topk_update"),
         (PowerMean, "partial", "power_partial"),
         (attribution._Router, "result", "normalize"),

@@ -13,6 +13,7 @@ from agcl_ds.importance.aggregate import (
     PowerMean,
     TopKMean,
     dist_reduce,
+    insert_sorted,
     kth_largest,
     normalize,
     quantile_rank,
@@ -38,6 +39,22 @@ def test_topk_mean_matches_naive(k):
     few = TopKMean(50, 20)
     few.update(vals[:4])
     torch.testing.assert_close(few.result(), vals[:4].mean(0))  # fewer samples than K: mean of all seen
+
+
+def test_topk_floor_lets_zeros_be_skipped():
+    """With floor 0, leaving out every zero a sample has (untouched rows) gives the same top-K mean."""
+    vals = heavy_tailed(13, 50)
+    vals[:, 5] = 0.0  # an entry no sample touches
+    agg = TopKMean(50, 4, floor=0.0)
+    for i, sample in enumerate(vals):
+        agg.seen += 1
+        live = sample.nonzero().flatten()
+        sub = agg.buf[:, live]
+        insert_sorted(sub, sample[live][None])
+        agg.buf[:, live] = sub
+        if i == 1:  # fewer samples than K: still the mean of those seen
+            torch.testing.assert_close(agg.result(), vals[:2].mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(agg.result(), vals.topk(4, dim=0).values.mean(0), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("p", [3.0, 4.0])  # 4: the in-place squaring path

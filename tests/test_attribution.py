@@ -13,7 +13,7 @@ TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size
         "data.synthetic.n_digits=4", "data.max_seq_len=16"]
 
 
-def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12):
+def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23):
     from agcl_ds.importance.partition import gather_full, local_shards
     from agcl_ds.loop import build_engine
     from agcl_ds.models import load_model
@@ -26,7 +26,8 @@ def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12):
     task = synthetic.make_tasks(["dec"], cfg.data.synthetic)[0]
     world = torch.distributed.get_world_size()
     opts = AttributionOptions(only_correct=False, n_samples=n_samples, micro_batch_size=6 // world, aggregate=aggregate,
-                              normalize="minmax" if source != "random" else "topk", k=4, source=source)
+                              normalize="minmax" if source != "random" else "topk", k=4, source=source,
+                              block_elems=block_elems)
     local, n = attribute(engine, loaded.tokenizer, task.train, opts, cfg.data.max_seq_len)
     specs = local_shards(engine)
     assert local.keys() == specs.keys()
@@ -47,11 +48,15 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("aggregate,n_samples", [("topk", 12), ("power", 12), ("topk", 7)])
-def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate, n_samples):
-    """7 samples on 2 ranks × 3: the last micro-batch keeps 1 sample on rank 0 and none on rank 1."""
-    ref = run_ranks(_body, "zero0", folder, aggregate, "lrp", n_samples, world=1, tmp=str(tmp_path / "one"))[0]
-    two = run_ranks(_body, "zero3", folder, aggregate, "lrp", n_samples, world=2, tmp=str(tmp_path / "two"))
+@pytest.mark.parametrize("aggregate,n_samples,block_elems", [("topk", 12, 1 << 23), ("power", 12, 1 << 23),
+                                                              ("topk", 7, 1 << 23), ("topk", 7, 100)])
+def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate, n_samples, block_elems):
+    """7 samples on 2 ranks × 3: the last micro-batch keeps 1 sample on rank 0 and none on rank 1; with
+    100-element blocks the ranks must still cut every parameter into the same row blocks."""
+    ref = run_ranks(_body, "zero0", folder, aggregate, "lrp", n_samples, block_elems, world=1,
+                    tmp=str(tmp_path / "one"))[0]
+    two = run_ranks(_body, "zero3", folder, aggregate, "lrp", n_samples, block_elems, world=2,
+                    tmp=str(tmp_path / "two"))
     assert ref["n"] == two[0]["n"] == n_samples
     full = two[0]["full"]
     assert full.keys() == ref["full"].keys()

@@ -90,22 +90,34 @@ def test_chunked_blocks_and_sum_match():
 
 
 def test_consumer_gets_row_blocks_of_bounded_size():
+    """Blocks are cut by the parameter's shape alone; embedding and head blocks carry only touched rows."""
     model = build("llama")
     batch = make_batch([9, 7])
     seen: dict[str, list[tuple[int, int]]] = {}
+    sparse: dict[str, list[int]] = {}
 
-    def consumer(name, param, r, row_start):
-        assert r.shape[1:] == (min(r.shape[1], param.shape[0] - row_start), *param.shape[1:])
-        assert r.numel() <= max(500, r.shape[0] * param[0].numel())
-        seen.setdefault(name, []).append((row_start, r.shape[1]))
+    def consumer(name, param, r, block, rows):
+        assert block.stop <= param.shape[0] and r.shape[0] == 2
+        if rows is None:
+            assert r.shape[1:] == (block.stop - block.start, *param.shape[1:])
+        else:
+            assert r.shape[1] == rows.numel() and bool(((rows >= block.start) & (rows < block.stop)).all())
+            sparse.setdefault(name, []).extend(rows.tolist())
+        assert r.shape[1] * param[0].numel() <= max(500, param[0].numel())
+        seen.setdefault(name, []).append((block.start, block.stop))
 
     with lrp_rules(model), PerSampleRelevance(model, consumer, max_chunk_elems=500) as hooks:
         hooks.run(batch, only_correct=False)
-    assert seen.keys() == dict(model.named_parameters()).keys()
+    params = dict(model.named_parameters())
+    assert seen.keys() == params.keys()
     for name, blocks in seen.items():  # each param once per pass, rows covered exactly once, in order
-        rows = dict(model.named_parameters())[name].shape[0]
-        assert [s for s, _ in blocks] == list(range(0, rows, blocks[0][1]))
-        assert sum(n for _, n in blocks) == rows
+        step = max(1, 500 // params[name][0].numel())
+        assert blocks == [(r, min(r + step, params[name].shape[0])) for r in range(0, params[name].shape[0], step)]
+    # tokens up to the last explained logit (position n - 2) of each sample
+    ids = torch.cat([batch["input_ids"][0, :8], batch["input_ids"][1, :6]]).unique().tolist()
+    assert sparse.keys() == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert sparse["model.embed_tokens.weight"] == ids  # the samples' own tokens, nothing else
+    assert 0 < len(sparse["lm_head.weight"]) <= 2 * 3  # the explained (predicted) tokens at 3 answer positions
 
 
 def test_only_correct_samples_are_explained():
@@ -171,8 +183,9 @@ def _zero3_pass(tmp: str) -> tuple:
     rank = torch.distributed.get_rank()
     maps, live = {}, []
 
-    def consumer(name, p, r, row_start):
-        maps[name] = r.clone()
+    def consumer(name, p, r, block, rows):
+        full = maps.setdefault(name, r.new_zeros(r.shape[0], *p.shape))
+        full[:, block if rows is None else rows] = r
         live.append(sum(q.ds_status == ZeroParamStatus.AVAILABLE for q in engine.module.parameters()))
 
     with lrp_rules(engine.module), PerSampleRelevance(engine.module, consumer) as hooks:
@@ -211,8 +224,8 @@ def test_wanted_params_only_skip_frozen_modules_without_changing_the_rest():
     top = {n for n, _ in model.named_parameters() if n.startswith(last)}
     got: dict[str, torch.Tensor] = {}
 
-    def collect(name, p, r, row_start):
-        got.setdefault(name, torch.zeros(r.shape[0], *p.shape, dtype=r.dtype))[:, row_start:row_start + r.shape[1]] += r
+    def collect(name, p, r, block, rows):
+        got.setdefault(name, torch.zeros(r.shape[0], *p.shape, dtype=r.dtype))[:, block if rows is None else rows] += r
 
     with lrp_rules(model, "attnlrp"), PerSampleRelevance(model, collect, wanted=top) as hooks:
         hooks.run(batch, only_correct=False)

@@ -65,22 +65,24 @@ class LogScale:
             raise ValueError(f"log scale must be > 0, got {scale}")
         self.scale, self.reduce = scale, reduce
 
-    def _fix_scale(self, r: torch.Tensor) -> None:
+    def _fix_scale(self, r: torch.Tensor, numel: int | None) -> None:
         if self.scale is None:  # every rank calls this on the same micro-batch: the decision is global
-            stats = self.reduce(torch.tensor([r.sum(dtype=torch.float64).item(), r.numel()], dtype=torch.float64,
+            count = r.numel() if numel is None else numel
+            stats = self.reduce(torch.tensor([r.sum(dtype=torch.float64).item(), count], dtype=torch.float64,
                                              device=r.device), "sum")
             if stats[0] > 0:
                 self.scale = (stats[0] / stats[1]).item()
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        self._fix_scale(r)
+        self._fix_scale(r, None)
         if self.scale is None:
             return torch.zeros_like(r)
         return torch.log1p(r / self.scale)
 
-    def inplace(self, r: torch.Tensor) -> torch.Tensor:
-        """`self(r)` computed in r's own storage (for a fresh tensor the caller hands over)."""
-        self._fix_scale(r)
+    def inplace(self, r: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+        """`self(r)` computed in r's own storage (for a fresh tensor the caller hands over). `numel`: how many
+        values r stands for, when it holds only the nonzero rows of a larger block (the mean counts the zeros)."""
+        self._fix_scale(r, numel)
         if self.scale is None:
             return r.zero_()
         return r.div_(self.scale).log1p_()
@@ -103,14 +105,18 @@ def insert_sorted(buf: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 class TopKMean:
-    """Mean of the K largest values seen per entry (fewer while fewer than K samples have been seen)."""
+    """Mean of the K largest values seen per entry (fewer while fewer than K samples have been seen).
+
+    `floor`: a lower bound of every value. The buffer starts full of it, so a sample whose value is the floor
+    changes nothing and may be left out (with floor 0, the exact zeros of untouched embedding rows).
+    """
 
     def __init__(self, numel: int, k: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, floor: float = -math.inf):
         if k < 1:
             raise ValueError(f"top-K needs k >= 1, got {k}")
         self.numel, self.k, self.seen = numel, k, 0
-        self.buf = torch.full((k, numel), -math.inf, dtype=dtype, device=device)
+        self.buf = torch.full((k, numel), floor, dtype=dtype, device=device)
 
     def update(self, values: torch.Tensor) -> None:
         _check_2d(values, self.numel)
