@@ -2,20 +2,20 @@
 on the (possibly ZeRO-3-partitioned) engine and left on each rank for exactly its own shard.
 
     samples ─► lrp_rules(model) ─► PerSampleRelevance (hooks, one module's weight gathered at a time)
-            ─► φ = log1p(|R_b| / s) per sample ─► route each row block to the rank owning it
-            ─► top-K mean (or power mean) per element ─► normalise per tensor to [0, 1]
+            ─► route each row block to the rank owning it ─► top-K of |R_b| per element, mean of φ = log1p(·/s)
+               over them (or the power mean of φ(|R_b|)) ─► normalise per tensor to [0, 1]
 
 Routing: the hooks see a block of rows of the full weight per kept sample while ZeRO-3 has it
-gathered. Every rank cuts the block into the ranges the ranks own (`partition.ShardSpec`) and one
-`all_to_all` per block sends each range to its owner: top-K receives the per-sample values of every
-rank's samples ([B, owned] from each rank); the power mean sends only the per-block partial sums
-Σ_b φ^p, i.e. the traffic of a reduce-scatter. Nothing ever sums |R| over samples before the
-absolute value is taken.
+gathered. Every rank cuts the block into the ranges the ranks own (`partition.ShardSpec`) and sends each
+range to its owner, point to point (an all-to-all that never copies a rank's own range): top-K receives
+the per-sample values of every rank's samples ([B, owned] from each rank); the power mean sends only the
+per-block partial sums Σ_b φ^p, i.e. the traffic of a reduce-scatter. Nothing ever sums |R| over samples
+before the absolute value is taken.
 
 Row-sparse blocks (embeddings, the output head: see `lrp.relevance`) carry only the rows their samples
 touch. The all-reduce that counts each rank's kept samples also ORs those rows over the ranks; every rank then
 sends its values for that union (zeros where it touched nothing) and each owner merges them into the matching
-columns of its buffer. The top-K buffer starts at φ = 0, so the rows nobody touched, whose φ is exactly 0,
+columns of its buffer. The top-K buffer starts at 0, so the rows nobody touched, whose |R| is exactly 0,
 are left out of the merge without changing the result: on a 32k vocabulary that removes well over 99% of
 the embedding and head values from the hooks, the exchange and the merge.
 """
@@ -41,7 +41,7 @@ from agcl_ds.importance.aggregate import (
     dist_reduce,
     insert_sorted,
     local_reduce,
-    normalize,
+    normalize_many,
 )
 from agcl_ds.importance.partition import ShardSpec, local_shards
 from agcl_ds.lrp.relevance import PerSampleRelevance
@@ -119,6 +119,7 @@ class _Router:
             self.agg = {n: PowerMean(s.numel, opts.power, device=device) for n, s in specs.items()}
         self.kept = 0  # samples on this rank whose maps were emitted
         self._buffers = [torch.empty(0, device=device), torch.empty(0, device=device)]
+        self._pending: list = []  # transfers posted by `_exchange`, waited for by `_finish`
 
     def __call__(self, name: str, param, abs_r: torch.Tensor, block: slice, rows: torch.Tensor | None) -> None:
         if name not in self.specs:  # frozen parameter (e.g. the base of a LoRA model): not gated
@@ -132,8 +133,11 @@ class _Router:
         most = max(counts) if topk else 1
         if most == 0:  # the same on every rank: nobody kept a sample, nothing to exchange
             return
-        values = self.scale[name].inplace(abs_r.reshape(n_kept, m * row).float(),
-                                          numel=n_kept * (block.stop - block.start) * row)
+        values, numel = abs_r.reshape(n_kept, m * row).float(), n_kept * (block.stop - block.start) * row
+        if topk:  # raw |R| travels and is merged; φ is monotone, so it is applied to the top K at the end
+            self.scale[name].observe(values, numel)
+        else:
+            values = self.scale[name].inplace(values, numel)
         if union is not None and union.numel() != m:  # rows other ranks touched and this one did not: zeros
             spread = values.new_zeros(n_kept, union.numel(), row)
             spread[:, torch.searchsorted(union, rows)] = values.view(n_kept, m, row)
@@ -143,14 +147,20 @@ class _Router:
         spec = self.specs[name]
         lo, hi = layout.pos(spec.start), layout.pos(spec.start + spec.numel)
         cols = layout.columns(lo, hi, spec.start)
+        me = D.rank()
         if topk:
-            for blk, c in zip(self._exchange(pieces, hi - lo, most), counts, strict=True):
-                self._update(name, cols, blk[:c])
+            blocks = self._exchange(pieces, hi - lo, most)
+            self._update(name, cols, blocks[me])  # this rank's own samples, merged while the others travel
+            self._finish()
+            for r, (blk, c) in enumerate(zip(blocks, counts, strict=True)):
+                if r != me:
+                    self._update(name, cols, blk[:c])
         else:
             agg = self.agg[name]
-            received = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], hi - lo, 1)
+            blocks = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], hi - lo, 1)
+            self._finish()
             if hi > lo:
-                agg.sum[cols] += torch.stack([r[0] for r in received]).sum(0)
+                agg.sum[cols] += torch.stack([b[0] for b in blocks]).sum(0)
 
     def _census(self, n_kept: int, block: slice, rows: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:
         """Samples kept on every rank and, for a row-sparse block, the rows any rank touched (one all-reduce)."""
@@ -165,23 +175,40 @@ class _Router:
         return t[:self.world].tolist(), union
 
     def _exchange(self, pieces: list[torch.Tensor], own_len: int, rows: int) -> list[torch.Tensor]:
-        """all_to_all: piece r ([<= rows, n_r], zero-padded to `rows`) goes to rank r; returns what every rank
-        sent here ([rows, own_len] each, valid until the next call).
+        """Point to point: piece r ([<= rows, n_r]) goes to rank r, zero-padded to `rows` rows. Returns, per
+        rank, what it sends here: this rank's own piece as it is (never copied or sent), the others' as
+        [rows, own_len] blocks that are valid once `_finish()` returns, and until the next call.
 
+        The sends and receives are only posted here, so the caller can merge its own piece while they travel.
         Both sides go through buffers kept for the whole pass: on CPU a fresh block-sized tensor per call
         pays its page faults every time."""
-        if self.world == 1:
-            return pieces
-        send = self._buffer(0, rows * sum(p.shape[1] for p in pieces))
-        off = 0
-        for p in pieces:
-            slot = send[off:off + rows * p.shape[1]].view(rows, p.shape[1])
-            slot[:p.shape[0]].copy_(p)
-            slot[p.shape[0]:].zero_()
-            off += slot.numel()
-        recv = self._buffer(1, self.world * rows * own_len)
-        dist.all_to_all_single(recv, send, [rows * own_len] * self.world, [rows * p.shape[1] for p in pieces])
-        return list(recv.view(self.world, rows, own_len).unbind(0))
+        me = D.rank()
+        others = [r for r in range(self.world) if r != me]
+        blocks = list(pieces)
+        if not others:
+            return blocks
+        send = self._buffer(0, rows * sum(pieces[r].shape[1] for r in others))
+        recv = self._buffer(1, len(others) * rows * own_len).view(len(others), rows, own_len)
+        ops, off = [], 0
+        for i, r in enumerate(others):
+            p = pieces[r]
+            if p.shape[1]:  # rank r owns none of this block exactly when its own_len is 0: both sides skip
+                slot = send[off:off + rows * p.shape[1]].view(rows, p.shape[1])
+                slot[:p.shape[0]].copy_(p)
+                slot[p.shape[0]:].zero_()
+                off += slot.numel()
+                ops.append(dist.P2POp(dist.isend, slot, r))
+            if own_len:
+                ops.append(dist.P2POp(dist.irecv, recv[i], r))
+            blocks[r] = recv[i]
+        self._pending = dist.batch_isend_irecv(ops) if ops else []
+        return blocks
+
+    def _finish(self) -> None:
+        """Wait for the transfers the last `_exchange` posted."""
+        for work in self._pending:
+            work.wait()
+        self._pending = []
 
     def _buffer(self, which: int, numel: int) -> torch.Tensor:
         """The first `numel` elements of exchange buffer `which` (0 send, 1 receive), grown when too small."""
@@ -202,21 +229,26 @@ class _Router:
             buf[:, cols] = sub
 
     def result(self) -> dict[str, torch.Tensor]:
+        """Importance of every owned shard; spends the aggregates (top-K is finished in its own buffer)."""
         total = int(D.all_sum([float(self.kept)])[0])
-        out = {}
-        for name in sorted(self.specs):  # same order on every rank: normalise is collective
+        names = sorted(self.specs)  # the same order on every rank: normalisation is collective
+        raws = []
+        for name in names:
             agg = self.agg[name]
             agg.seen = total
-            out[name] = normalize(agg.result(), self.opts.normalize, self.opts.top_frac, reduce=self.reduce)
-        return out
+            raws.append(agg.result(self.scale[name].apply_, consume=True) if self.opts.aggregate == "topk"
+                        else agg.result())
+        return dict(zip(names, normalize_many(raws, self.opts.normalize, self.opts.top_frac, reduce=self.reduce),
+                        strict=True))
 
 
 def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, seed: int) -> dict[str, torch.Tensor]:
     """The control: uniform random scores through the same normalisation (same sparsity as `lrp`)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + D.rank())
     reduce = dist_reduce() if dist.is_initialized() and D.world_size() > 1 else local_reduce
-    return {name: normalize(torch.rand(specs[name].numel, generator=gen).to(D.device()), opts.normalize,
-                            opts.top_frac, reduce=reduce) for name in sorted(specs)}
+    names = sorted(specs)
+    scores = [torch.rand(specs[n].numel, generator=gen).to(D.device()) for n in names]
+    return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce), strict=True))
 
 
 def pick_samples(examples: list[Example], n: int, seed: int) -> list[Example]:

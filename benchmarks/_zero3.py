@@ -6,7 +6,8 @@ import torch
 
 MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
     "tiny": (64, 2, 4, 2, 128, 1000, 32),
-    "50M": (512, 8, 8, 4, 1024, 32000, 128),
+    "50M": (512, 8, 8, 4, 1024, 32000, 128),  # 64% embedding + head, like a small LM with a 32k vocabulary
+    "50M-4k": (512, 20, 8, 4, 1024, 4096, 128),  # 8% embedding + head: the Transformer blocks' share of a 7-70B
 }
 
 

@@ -12,7 +12,7 @@ slices, `collate`):
 
 The three passes alternate within each repetition; a row is the median over repetitions. The stage
 breakdown comes from timers wrapped around agcl_ds's own methods in this process (nothing in agcl_ds
-changes); all_to_all includes waiting for the other rank. Peak RSS per rank is the kernel's high-water
+changes); the exchange includes waiting for the other rank. Peak RSS per rank is the kernel's high-water
 mark (VmHWM), reset before each pass through /proc/self/clear_refs. The last line is the top-K ratio of
 the 50M model (full run) or of the reduced 50M model (--quick).
 
@@ -98,8 +98,10 @@ def instrument(clock: Clock) -> None:
         (PerSampleRelevance, "_backward", "backward_hook"),  # per-module hook, contains emit
         (PerSampleRelevance, "_emit", "emit"),  # per-sample G_b, |W ⊙ G_b|, contains route
         (attribution._Router, "__call__", "route"),  # log scale + exchange + aggregate
-        (LogScale, "inplace", "log_scale"),
-        (attribution._Router, "_exchange", "all_to_all"),
+        (LogScale, "inplace", "log_scale"),  # power: φ per sample
+        (LogScale, "observe", "log_scale"),  # top-K: only the scale (φ is applied to the top K at the end)
+        (attribution._Router, "_exchange", "all_to_all"),  # pad, copy, post the sends and receives
+        (attribution._Router, "_finish", "all_to_all"),  # wait for them
         (attribution._Router, "_census", "counts"),  # kept counts (+ touched rows), one all-reduce
         (attribution._Router, "_update", "topk_update"),
         (PowerMean, "partial", "power_partial"),
@@ -218,7 +220,7 @@ def breakdown(st: dict[str, float]) -> dict[str, float]:
         "LRP fwd+bwd": st["run"] - st["backward_hook"],
         "hooks: G_b, |W⊙G_b|": st["backward_hook"] - st["route"],
         "log-scale": st["log_scale"],
-        "all_to_all": st["all_to_all"] + st["counts"],
+        "exchange": st["all_to_all"] + st["counts"],
         "top-K update": st["topk_update"],
         "power partial": st["power_partial"],
         "route other": st["route"] - st["log_scale"] - st["all_to_all"] - st["counts"] - st["topk_update"]
@@ -237,7 +239,7 @@ def print_report(rows: list[dict], args: argparse.Namespace, wall: float) -> Non
         for name, t in r["time"].items():
             print(f"{r['model']:>6} {r['params']:>11,} {r['seq']:>4} {name:>6} {t:>8.2f} "
                   f"{t / r['time']['plain']:>7.2f}x {r['peak'][name]:>17.0f}")
-    print("\nwhere the attribution time goes (s per pass, mean over ranks; all_to_all includes waiting):")
+    print("\nwhere the attribution time goes (s per pass, mean over ranks; exchange includes waiting):")
     for r in rows:
         for name in ("topk", "power"):
             parts = breakdown(r["stages"][name])

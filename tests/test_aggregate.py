@@ -16,6 +16,7 @@ from agcl_ds.importance.aggregate import (
     insert_sorted,
     kth_largest,
     normalize,
+    normalize_many,
     quantile_rank,
 )
 
@@ -36,9 +37,25 @@ def test_topk_mean_matches_naive(k):
         agg.update(chunk)
     ref = vals.topk(k, dim=0).values.mean(0)
     torch.testing.assert_close(agg.result(), ref, rtol=1e-6, atol=0)
+    phi = LogScale(scale=0.7)  # monotone: the top K of φ(r) are φ of the top K of r
+    torch.testing.assert_close(agg.result(phi.apply_), phi(vals).topk(k, dim=0).values.mean(0), rtol=1e-6, atol=0)
     few = TopKMean(50, 20)
     few.update(vals[:4])
     torch.testing.assert_close(few.result(), vals[:4].mean(0))  # fewer samples than K: mean of all seen
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 16])
+def test_insert_sorted_keeps_the_k_largest(k):
+    """Whole groups of K rows (sorting network + bitonic merge), leftover rows (sinking), column chunks
+    and ties all give exactly topk(cat(buf, rows)); the rows themselves are left as they were."""
+    g = torch.Generator().manual_seed(k)
+    for b in (0, 1, 5, 8, 16, 19, 33):
+        for n in (1, 7, 300):
+            buf = torch.randint(0, 5, (k, n), generator=g).float().sort(0, descending=True).values
+            rows = torch.randint(0, 5, (b, n), generator=g).float()
+            want, before = torch.cat([buf, rows]).topk(k, dim=0).values, rows.clone()
+            insert_sorted(buf, rows, cols=64)
+            assert torch.equal(buf, want) and torch.equal(rows, before), (b, n)
 
 
 def test_topk_floor_lets_zeros_be_skipped():
@@ -138,7 +155,11 @@ def _sharded_normalise(tmp: str, x: torch.Tensor, cuts: list[int]) -> dict[str, 
     rank = torch.distributed.get_rank()
     shard = x[cuts[rank]:cuts[rank + 1]]
     red = dist_reduce()
-    return {m: normalize(shard, m, top_frac=0.05, reduce=red) for m in ("minmax", "rank", "topk")}
+    out = {m: normalize(shard, m, top_frac=0.05, reduce=red) for m in ("minmax", "rank", "topk")}
+    # several tensors at once (their collectives shared): each as if alone, one of them empty on this rank
+    parts = [shard, shard[:0] if rank else shard, (shard * 3).round_()]
+    out["many"] = normalize_many(parts, "topk", top_frac=0.05, reduce=red)
+    return out
 
 
 @pytest.mark.slow
@@ -151,3 +172,7 @@ def test_sharded_normalisation_equals_unsharded():
         for m in ("minmax", "rank", "topk"):
             torch.testing.assert_close(torch.cat([o[m] for o in out]), normalize(x, m, top_frac=0.05),
                                        rtol=1e-6, atol=1e-7)
+        alone = [x, x[cuts[0]:cuts[1]], (x * 3).round_()]  # rank 1's second shard is empty
+        for i, want in enumerate(alone):
+            got = torch.cat([o["many"][i] for o in out])
+            assert torch.equal(got, normalize(want, "topk", top_frac=0.05)), i
