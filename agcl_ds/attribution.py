@@ -147,20 +147,17 @@ class _Router:
         spec = self.specs[name]
         lo, hi = layout.pos(spec.start), layout.pos(spec.start + spec.numel)
         cols = layout.columns(lo, hi, spec.start)
-        me = D.rank()
         if topk:
-            blocks = self._exchange(pieces, hi - lo, most)
-            self._update(name, cols, blocks[me])  # this rank's own samples, merged while the others travel
+            own, received = self._exchange(pieces, hi - lo, most)
+            self._update(name, cols, own)  # this rank's own samples, merged while the others travel
             self._finish()
-            for r, (blk, c) in enumerate(zip(blocks, counts, strict=True)):
-                if r != me:
-                    self._update(name, cols, blk[:c])
+            self._update(name, cols, received)  # in one call, so that whole groups of K rows form
         else:
             agg = self.agg[name]
-            blocks = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], hi - lo, 1)
+            own, received = self._exchange([agg.partial(p, consume=True)[None] for p in pieces], hi - lo, 1)
             self._finish()
             if hi > lo:
-                agg.sum[cols] += torch.stack([b[0] for b in blocks]).sum(0)
+                agg.sum[cols] += own[0] + received.sum(0)
 
     def _census(self, n_kept: int, block: slice, rows: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:
         """Samples kept on every rank and, for a row-sparse block, the rows any rank touched (one all-reduce)."""
@@ -174,19 +171,17 @@ class _Router:
         union = None if rows is None else t[self.world:].nonzero().flatten() + block.start
         return t[:self.world].tolist(), union
 
-    def _exchange(self, pieces: list[torch.Tensor], own_len: int, rows: int) -> list[torch.Tensor]:
-        """Point to point: piece r ([<= rows, n_r]) goes to rank r, zero-padded to `rows` rows. Returns, per
-        rank, what it sends here: this rank's own piece as it is (never copied or sent), the others' as
-        [rows, own_len] blocks that are valid once `_finish()` returns, and until the next call.
+    def _exchange(self, pieces: list[torch.Tensor], own_len: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point to point: piece r ([<= rows, n_r]) goes to rank r, zero-padded to `rows` rows. Returns this
+        rank's own piece as it is (never copied or sent) and what the other ranks send here, stacked:
+        [(world − 1)·rows, own_len], valid once `_finish()` returns and until the next call. A rank that kept
+        fewer samples sends zero rows, which change neither aggregate (top-K's floor is 0, sums add 0).
 
         The sends and receives are only posted here, so the caller can merge its own piece while they travel.
         Both sides go through buffers kept for the whole pass: on CPU a fresh block-sized tensor per call
         pays its page faults every time."""
         me = D.rank()
         others = [r for r in range(self.world) if r != me]
-        blocks = list(pieces)
-        if not others:
-            return blocks
         send = self._buffer(0, rows * sum(pieces[r].shape[1] for r in others))
         recv = self._buffer(1, len(others) * rows * own_len).view(len(others), rows, own_len)
         ops, off = [], 0
@@ -200,9 +195,8 @@ class _Router:
                 ops.append(dist.P2POp(dist.isend, slot, r))
             if own_len:
                 ops.append(dist.P2POp(dist.irecv, recv[i], r))
-            blocks[r] = recv[i]
         self._pending = dist.batch_isend_irecv(ops) if ops else []
-        return blocks
+        return pieces[me], recv.view(len(others) * rows, own_len)
 
     def _finish(self) -> None:
         """Wait for the transfers the last `_exchange` posted."""
