@@ -113,6 +113,8 @@ class _Router:
         self.world = D.world_size()
         self.reduce = dist_reduce() if dist.is_initialized() and self.world > 1 else local_reduce
         self.scale = {n: LogScale(reduce=self.reduce) for n in specs}
+        # top-K: Σ|R| and the number of values it covers (zeros included), per tensor over the whole pass
+        self.mass = {n: [torch.zeros((), dtype=torch.float64, device=device), 0] for n in specs}
         if opts.aggregate == "topk":  # φ >= 0: an entry a sample does not touch keeps the floor 0 (no-op)
             self.agg = {n: TopKMean(s.numel, opts.k, device=device, floor=0.0) for n, s in specs.items()}
         else:
@@ -135,7 +137,8 @@ class _Router:
             return
         values, numel = abs_r.reshape(n_kept, m * row).float(), n_kept * (block.stop - block.start) * row
         if topk:  # raw |R| travels and is merged; φ is monotone, so it is applied to the top K at the end
-            self.scale[name].observe(values, numel)
+            self.mass[name][0] += values.sum().double()  # float32 sums: ~30x faster than float64 accumulation
+            self.mass[name][1] += numel
         else:
             values = self.scale[name].inplace(values, numel)
         if union is not None and union.numel() != m:  # rows other ranks touched and this one did not: zeros
@@ -226,6 +229,11 @@ class _Router:
         """Importance of every owned shard; spends the aggregates (top-K is finished in its own buffer)."""
         total = int(D.all_sum([float(self.kept)])[0])
         names = sorted(self.specs)  # the same order on every rank: normalisation is collective
+        if self.opts.aggregate == "topk" and names:  # every tensor's scale: the mean |R| over all its explained values
+            mass = self.reduce(torch.stack([torch.stack([self.mass[n][0], torch.tensor(float(self.mass[n][1]),
+                                            dtype=torch.float64, device=self.device)]) for n in names]), "sum")
+            for n, (total_r, count) in zip(names, mass.tolist(), strict=True):
+                self.scale[n].scale = total_r / count if total_r > 0 else None
         raws = []
         for name in names:
             agg = self.agg[name]

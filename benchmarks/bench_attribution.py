@@ -99,8 +99,7 @@ def instrument(clock: Clock) -> None:
         (PerSampleRelevance, "_backward", "backward_hook"),  # per-module hook, contains emit
         (PerSampleRelevance, "_emit", "emit"),  # per-sample G_b, |W ⊙ G_b|, contains route
         (attribution._Router, "__call__", "route"),  # log scale + exchange + aggregate
-        (LogScale, "inplace", "log_scale"),  # power: φ per sample
-        (LogScale, "observe", "log_scale"),  # top-K: only the scale (φ is applied to the top K at the end)
+        (LogScale, "inplace", "log_scale"),  # power: φ per sample (top-K applies φ to its K survivors at the end)
         (attribution._Router, "_exchange", "all_to_all"),  # pad, copy, post the sends and receives
         (attribution._Router, "_finish", "all_to_all"),  # wait for them
         (attribution._Router, "_census", "counts"),  # kept counts (+ touched rows), one all-reduce

@@ -13,7 +13,7 @@ TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size
         "data.synthetic.n_digits=4", "data.max_seq_len=16"]
 
 
-def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23):
+def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23, samples_per_step=6):
     from agcl_ds.importance.partition import gather_full, local_shards
     from agcl_ds.loop import build_engine
     from agcl_ds.models import load_model
@@ -25,9 +25,9 @@ def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_ele
     engine = build_engine(loaded, ds)
     task = synthetic.make_tasks(["dec"], cfg.data.synthetic)[0]
     world = torch.distributed.get_world_size()
-    opts = AttributionOptions(only_correct=False, n_samples=n_samples, micro_batch_size=6 // world, aggregate=aggregate,
-                              normalize="minmax" if source != "random" else "topk", k=4, source=source,
-                              block_elems=block_elems)
+    opts = AttributionOptions(only_correct=False, n_samples=n_samples, micro_batch_size=samples_per_step // world,
+                              aggregate=aggregate, normalize="minmax" if source != "random" else "topk", k=4,
+                              source=source, block_elems=block_elems)
     local, n = attribute(engine, loaded.tokenizer, task.train, opts, cfg.data.max_seq_len)
     specs = local_shards(engine)
     assert local.keys() == specs.keys()
@@ -66,6 +66,16 @@ def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate, n_sample
         assert 0.0 <= float(got.min()) and float(got.max()) <= 1.0
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
     assert sum(float(v.sum()) for v in full.values()) > 0
+
+
+@pytest.mark.slow
+def test_topk_importance_does_not_depend_on_the_split(folder, tmp_path):
+    """The same samples in 6 micro-batches of 2 on one rank or 2 of 3 on each of two ranks: the same
+    top-K importance (its log scale is the mean |R| of the whole pass, not of the first micro-batch)."""
+    one = run_ranks(_body, "zero0", folder, "topk", "lrp", 12, 1 << 23, 2, world=1, tmp=str(tmp_path / "one"))[0]
+    two = run_ranks(_body, "zero3", folder, "topk", "lrp", 12, 1 << 23, 6, world=2, tmp=str(tmp_path / "two"))[0]
+    for name, want in one["full"].items():
+        torch.testing.assert_close(two["full"][name], want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.slow

@@ -5,8 +5,11 @@ the ZeRO layout (`agcl_ds.importance.partition`). Where a per-tensor statistic n
 passes a `reduce(t, op)` that all-reduces `t` over the ranks holding that tensor's shards (`dist_reduce()`),
 or leaves the default `local_reduce` for a tensor held whole.
 
-Log scale: φ(r) = log1p(r / s), with s one constant per tensor — the mean |R| of the tensor over the first
-micro-batch that has any relevance (global over shards and ranks through `reduce`). Why: per-sample relevance
+Log scale: φ(r) = log1p(r / s), with s one constant per tensor: the mean |R| of the tensor (global over
+shards and ranks through `reduce`). For the top-K mean, which merges raw |R| and applies φ to the K
+survivors at the end, s is the mean over every explained sample of the pass, so the importance does not
+depend on how the samples were split into ranks and micro-batches. The power mean needs φ per sample, so
+there s is fixed from the first micro-batch with any relevance (`LogScale`). Why a log scale: per-sample relevance
 is heavy-tailed and spans orders of magnitude (samples with large logits dominate a raw top-K mean); log1p
 compresses that tail, keeps exact zeros at 0 (log would give −∞ for untouched embedding rows), and dividing
 by the tensor's own mean makes φ independent of the tensor's overall scale (φ ≈ r/s below the mean, ≈ log r
@@ -65,10 +68,6 @@ class LogScale:
         if scale is not None and not scale > 0:
             raise ValueError(f"log scale must be > 0, got {scale}")
         self.scale, self.reduce = scale, reduce
-
-    def observe(self, r: torch.Tensor, numel: int | None = None) -> None:
-        """Fix the scale from `r` if no earlier call did (collective until fixed); `numel` as in `inplace`."""
-        self._fix_scale(r, numel)
 
     def _fix_scale(self, r: torch.Tensor, numel: int | None) -> None:
         if self.scale is None:  # every rank calls this on the same micro-batch: the decision is global
