@@ -113,10 +113,10 @@ class _Router:
         self.world = D.world_size()
         self.reduce = dist_reduce() if dist.is_initialized() and self.world > 1 else local_reduce
         self.scale = {n: LogScale(reduce=self.reduce) for n in specs}
-        # top-K: Σ|R| and the number of values it covers (zeros included), per tensor over the whole pass
-        self.mass = {n: [torch.zeros((), dtype=torch.float64, device=device), 0] for n in specs}
         if opts.aggregate == "topk":  # φ >= 0: an entry a sample does not touch keeps the floor 0 (no-op)
             self.agg = {n: TopKMean(s.numel, opts.k, device=device, floor=0.0) for n, s in specs.items()}
+            # Σ|R| and the number of values it covers (zeros included), per tensor over the whole pass
+            self.mass = {n: [torch.zeros((), dtype=torch.float64, device=device), 0] for n in specs}
         else:
             self.agg = {n: PowerMean(s.numel, opts.power, device=device) for n, s in specs.items()}
         self.kept = 0  # samples on this rank whose maps were emitted

@@ -28,6 +28,7 @@ The spikes found x/max useless (heavy tails leave mean R ≈ 0.004) and binary t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -97,7 +98,8 @@ class LogScale:
         return r.div_(self.scale).log1p_()
 
 
-def _sorting_network(n: int) -> list[tuple[int, int]]:
+@functools.cache  # called for every block merged; the network depends on K alone
+def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     """Batcher's odd-even merge sort for n a power of two, as comparators (i, j), i < j, in order (19 for 8)."""
     pairs, p = [], 1
     while p < n:
@@ -109,11 +111,11 @@ def _sorting_network(n: int) -> list[tuple[int, int]]:
                         pairs.append((i + j, i + j + k))
             k //= 2
         p *= 2
-    return pairs
+    return tuple(pairs)
 
 
 def _merge_group(part: torch.Tensor, group: torch.Tensor, pool: list[torch.Tensor], bank: torch.Tensor,
-                 network: list[tuple[int, int]]) -> None:
+                 network: tuple[tuple[int, int], ...]) -> None:
     """Keep the K largest of `part` [K, w] (sorted descending per column) and `group` [K, w] in `part`.
 
     The group is sorted by `network` out of place (max and min into free `pool` rows, references swapped, the
