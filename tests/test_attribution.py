@@ -13,7 +13,8 @@ TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size
         "data.synthetic.n_digits=4", "data.max_seq_len=16"]
 
 
-def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23, samples_per_step=6):
+def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23, samples_per_step=6,
+          exchange="auto"):
     from agcl_ds.importance.partition import gather_full, local_shards
     from agcl_ds.loop import build_engine
     from agcl_ds.models import load_model
@@ -27,7 +28,7 @@ def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_ele
     world = torch.distributed.get_world_size()
     opts = AttributionOptions(only_correct=False, n_samples=n_samples, micro_batch_size=samples_per_step // world,
                               aggregate=aggregate, normalize="minmax" if source != "random" else "topk", k=4,
-                              source=source, block_elems=block_elems)
+                              source=source, block_elems=block_elems, exchange=exchange)
     local, n = attribute(engine, loaded.tokenizer, task.train, opts, cfg.data.max_seq_len)
     specs = local_shards(engine)
     assert local.keys() == specs.keys()
@@ -48,14 +49,16 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("aggregate,n_samples,block_elems", [("topk", 12, 1 << 23), ("power", 12, 1 << 23),
-                                                              ("topk", 7, 1 << 23), ("topk", 7, 100)])
-def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate, n_samples, block_elems):
+@pytest.mark.parametrize("aggregate,n_samples,block_elems,exchange", [
+    ("topk", 12, 1 << 23, "auto"), ("power", 12, 1 << 23, "auto"), ("topk", 7, 1 << 23, "auto"),
+    ("topk", 7, 100, "auto"), ("topk", 12, 1 << 23, "factors"), ("topk", 7, 100, "factors")])
+def test_zero3_shards_equal_single_process(folder, tmp_path, aggregate, n_samples, block_elems, exchange):
     """7 samples on 2 ranks × 3: the last micro-batch keeps 1 sample on rank 0 and none on rank 1; with
-    100-element blocks the ranks must still cut every parameter into the same row blocks."""
+    100-element blocks the ranks must still cut every parameter into the same row blocks. At 16 tokens
+    "auto" sends every Linear weight's maps (its factors would be more bytes); "factors" sends the factors."""
     ref = run_ranks(_body, "zero0", folder, aggregate, "lrp", n_samples, block_elems, world=1,
                     tmp=str(tmp_path / "one"))[0]
-    two = run_ranks(_body, "zero3", folder, aggregate, "lrp", n_samples, block_elems, world=2,
+    two = run_ranks(_body, "zero3", folder, aggregate, "lrp", n_samples, block_elems, 6, exchange, world=2,
                     tmp=str(tmp_path / "two"))
     assert ref["n"] == two[0]["n"] == n_samples
     full = two[0]["full"]

@@ -41,6 +41,9 @@ Rows = slice | torch.Tensor
 # block `block` (a slice); `rows` None means all m = block rows, else the m row indices (sorted, inside block)
 # that carry it, every other row of the block being zero for every kept sample
 Consumer = Callable[[str, nn.Parameter, torch.Tensor, slice, torch.Tensor | None], None]
+# factors(name, weight, u [n_kept, T, R], v [n_kept, T, C]) -> taken: the per-sample maps of a weight used by one
+# Linear / Conv1D are |W ⊙ Σ_t u_btᵀ v_bt|; a consumer that takes the factors gets no blocks for that weight
+Factors = Callable[[str, nn.Parameter, torch.Tensor, torch.Tensor], bool]
 # a per-sample signed gradient block: rows -> a new Tensor[B, len(rows), *param.shape[1:]]
 _Part = Callable[[Rows], torch.Tensor]
 
@@ -118,13 +121,15 @@ class PerSampleRelevance:
     (requires_grad False) meanwhile so that autograd skips its own summed weight gradients; the flags are
     restored on exit. `model` names the parameters (pass `engine.module` for a DeepSpeed engine).
     `max_chunk_elems` bounds one block per kept sample: blocks hold at most n_kept × that many values.
+    `factors`, if given, is offered the factors of every weight used by one (not row-sparse) Linear or Conv1D
+    first; a router that sends data-parallel ranks their share of the maps may find them cheaper to send.
     """
 
     def __init__(self, model: nn.Module, consumer: Consumer, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-                 wanted: Collection[str] | None = None):
+                 wanted: Collection[str] | None = None, factors: Factors | None = None):
         if max_chunk_elems < 1:
             raise ValueError(f"max_chunk_elems must be >= 1, got {max_chunk_elems}")
-        self.model, self.consumer, self.max_chunk_elems = model, consumer, max_chunk_elems
+        self.model, self.consumer, self.max_chunk_elems, self.factors = model, consumer, max_chunk_elems, factors
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.modules = [(m, k) for m in model.modules() if (k := _kind(m)) is not None]
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -166,8 +171,11 @@ class PerSampleRelevance:
 
     def run(self, batch: Mapping[str, torch.Tensor], target: Target = "predicted",
             positions: Positions = "all", only_correct: bool = True,
-            forward: Callable[..., object] | None = None) -> torch.Tensor:
+            forward: Callable[..., object] | None = None,
+            on_keep: Callable[[torch.Tensor, int], None] | None = None) -> torch.Tensor:
         """One forward/backward on `batch`; returns the [B] bool mask of samples whose maps were emitted.
+        `on_keep(keep, tokens)` runs between the two, when the kept samples are known and nothing has been
+        emitted (tokens: the batch's sequence length).
 
         The backward always runs (with f = 0 if no sample is kept) so that every rank of a ZeRO-3 job
         takes part in the same gathers.
@@ -185,6 +193,8 @@ class PerSampleRelevance:
         else:
             keep = torch.ones_like(labels[:, 0], dtype=torch.bool)
         self.keep = keep
+        if on_keep is not None:
+            on_keep(keep, labels.shape[1])
         f = (explained_logit(logits, labels, target, positions) * keep).sum()
         if not self._leaves:
             raise RuntimeError("no embedding output was seen in the forward; cannot backpropagate")
@@ -220,15 +230,29 @@ class PerSampleRelevance:
 
     def _backward(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> None:
         x, g = x[self.keep], g[self.keep]
-        dt = torch.promote_types(g.dtype, torch.float32)
         touched = self._touched(mod, kind, x, g) if id(mod) in self.row_sparse else None
-        for p, part in self._parts(mod, kind, x, g.to(dt)):
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        factored = self._offer_factors(mod, kind, x, g) if touched is None else None
+        for p, part in self._parts(mod, kind, x, g):
+            if p is factored:
+                continue
             s = self._state[id(p)]
             s.parts.append(part)
             s.touched.append(touched)
             s.uses -= 1
             if s.uses == 0:
                 self._emit(id(p))
+
+    def _offer_factors(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> nn.Parameter | None:
+        """The module's weight, if `factors` took it (and it is done with), else None."""
+        w = getattr(mod, "weight", None)
+        if self.factors is None or kind not in ("linear", "conv1d") or self._state[id(w)].uses != 1:
+            return None
+        g, x = _tokens(g), _tokens(x).to(g.dtype)
+        if not self.factors(self.names[id(w)], w, *((g, x) if kind == "linear" else (x, g))):
+            return None
+        del self._state[id(w)]
+        return w
 
     @staticmethod
     def _touched(mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
