@@ -245,8 +245,10 @@ class PerSampleRelevance:
 
     def _offer_factors(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> nn.Parameter | None:
         """The module's weight, if `factors` took it (and it is done with), else None."""
-        w = getattr(mod, "weight", None)
-        if self.factors is None or kind not in ("linear", "conv1d") or self._state[id(w)].uses != 1:
+        if self.factors is None or kind not in ("linear", "conv1d"):
+            return None
+        w, state = mod.weight, self._state[id(mod.weight)]
+        if state.uses != 1 or state.parts:  # a weight several modules use sums their G_b: it goes as maps
             return None
         g, x = _tokens(g), _tokens(x).to(g.dtype)
         if not self.factors(self.names[id(w)], w, *((g, x) if kind == "linear" else (x, g))):
