@@ -51,6 +51,7 @@ from agcl_ds.data.tasks import Example
 from agcl_ds.importance.aggregate import (
     LogScale,
     PowerMean,
+    Reduce,
     TopKMean,
     dist_reduce,
     insert_sorted,
@@ -82,6 +83,11 @@ class AttributionOptions:
     # top-K on several ranks: what travels for a Linear weight, its per-sample maps or the factors of G_b
     # ("auto": whichever is fewer bytes, see `_Router.factors`)
     exchange: Literal["auto", "values", "factors"] = "auto"
+
+
+def _world_reduce() -> Reduce:
+    """The reduce for tensors sharded over the whole world (nothing to combine in a single process)."""
+    return dist_reduce() if dist.is_initialized() and D.world_size() > 1 else local_reduce
 
 
 def _owner_ranges(specs: dict[str, ShardSpec]) -> dict[str, list[tuple[int, int]]]:
@@ -142,7 +148,10 @@ class _Factors:
     rows: list[slice]  # per rank: the rows its flat range covers
     w: torch.Tensor  # this rank's range of the flattened weight, fp32
     offset: int  # where that range starts, counted from the first element of rows[rank]
-    own_len: int
+
+    @property
+    def own_len(self) -> int:
+        return self.w.numel()
 
 
 class _Router:
@@ -153,7 +162,7 @@ class _Router:
         self.specs, self.opts, self.device = specs, opts, device
         self.ranges = _owner_ranges(specs)
         self.world, self.rank = D.world_size(), D.rank()
-        self.reduce = dist_reduce() if dist.is_initialized() and self.world > 1 else local_reduce
+        self.reduce = _world_reduce()
         self.scale = {n: LogScale(reduce=self.reduce) for n in specs}
         if opts.aggregate == "topk":  # φ >= 0: an entry a sample does not touch keeps the floor 0 (no-op)
             self.agg = {n: TopKMean(s.numel, opts.k, device=device, floor=0.0) for n, s in specs.items()}
@@ -228,7 +237,7 @@ class _Router:
             return False
         (a, b), mine = self.ranges[name][self.rank], rows[self.rank]
         w = param.detach().reshape(-1)[a:b].to(torch.float32, copy=True)  # ZeRO-3 frees the gathered W
-        self._stage(_Factors(name, u, v, rows, w, a - mine.start * c, b - a), big_r * c)
+        self._stage(_Factors(name, u, v, rows, w, a - mine.start * c), big_r * c)
         return True
 
     def _weigh(self, name: str, values: torch.Tensor, numel: int) -> None:
@@ -404,7 +413,7 @@ class _Router:
 def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, seed: int) -> dict[str, torch.Tensor]:
     """The control: uniform random scores through the same normalisation (same sparsity as `lrp`)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + D.rank())
-    reduce = dist_reduce() if dist.is_initialized() and D.world_size() > 1 else local_reduce
+    reduce = _world_reduce()
     names = sorted(specs)
     scores = [torch.rand(specs[n].numel, generator=gen).to(D.device()) for n in names]
     return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce), strict=True))

@@ -322,16 +322,18 @@ def kth_largest(x: torch.Tensor, k: int, reduce: Reduce = local_reduce, bins: in
 
 
 def kth_largest_many(xs: list[torch.Tensor], ks: list[int], reduce: Reduce = local_reduce, bins: int = 1024,
-                     max_rounds: int = 64) -> list[float]:
+                     max_rounds: int = 64,
+                     ranges: tuple[list[float], list[float], list[int]] | None = None) -> list[float]:
     """The exact ks[i]-th largest value of each tensor over all its shards, by histogram refinement.
 
     Each round all-reduces `bins` counts per unfinished tensor (one all-reduce for all of them) and their
     ranges, keeps the bin holding the k-th value and shrinks the range to that bin's data; a range holding
     ≥ 2 distinct values always splits, so a tensor is done when its range is one value (typically 3–5 rounds
     for float32). After `max_rounds` it returns the range's low end. Batching the tensors makes the number of
-    collectives independent of how many tensors a model has (a 70B Llama has 723).
+    collectives independent of how many tensors a model has (a 70B Llama has 723). `ranges`: the tensors'
+    `_global_ranges`, when the caller has them already.
     """
-    lo, hi, n = _global_ranges(xs, reduce)
+    lo, hi, n = (list(r) for r in ranges) if ranges is not None else _global_ranges(xs, reduce)
     for k, m in zip(ks, n, strict=True):
         if not 1 <= k <= m:
             raise ValueError(f"k must be in [1, {m}], got {k}")
@@ -384,7 +386,8 @@ def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2
     if method == "minmax":
         return [_scale_minmax(x, a, b) for x, a, b in zip(xs, lo, hi, strict=True)]
     ranked = [i for i in range(len(xs)) if n[i] > 0]
-    taus = kth_largest_many([xs[i] for i in ranked], [max(1, math.ceil(top_frac * n[i])) for i in ranked], reduce)
+    taus = kth_largest_many([xs[i] for i in ranked], [max(1, math.ceil(top_frac * n[i])) for i in ranked], reduce,
+                            ranges=tuple([v[i] for i in ranked] for v in (lo, hi, n)))
     out = [torch.zeros_like(x) for x in xs]
     for i, tau in zip(ranked, taus, strict=True):
         out[i] = ((xs[i] >= tau) & (xs[i] > lo[i])).to(xs[i].dtype)  # tau and lo are values of x: exact in its dtype

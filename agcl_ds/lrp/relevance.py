@@ -232,10 +232,7 @@ class PerSampleRelevance:
         x, g = x[self.keep], g[self.keep]
         touched = self._touched(mod, kind, x, g) if id(mod) in self.row_sparse else None
         g = g.to(torch.promote_types(g.dtype, torch.float32))
-        factored = self._offer_factors(mod, kind, x, g) if touched is None else None
-        for p, part in self._parts(mod, kind, x, g):
-            if p is factored:
-                continue
+        for p, part in self._parts(mod, kind, x, g, offer=touched is None):
             s = self._state[id(p)]
             s.parts.append(part)
             s.touched.append(touched)
@@ -243,18 +240,15 @@ class PerSampleRelevance:
             if s.uses == 0:
                 self._emit(id(p))
 
-    def _offer_factors(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> nn.Parameter | None:
-        """The module's weight, if `factors` took it (and it is done with), else None."""
-        if self.factors is None or kind not in ("linear", "conv1d"):
-            return None
+    def _offer_factors(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """Whether `factors` took the weight of this Linear / Conv1D (x, g: [n, T, ·]); if so it is done with."""
         w, state = mod.weight, self._state[id(mod.weight)]
-        if state.uses != 1 or state.parts:  # a weight several modules use sums their G_b: it goes as maps
-            return None
-        g, x = _tokens(g), _tokens(x).to(g.dtype)
+        if self.factors is None or state.uses != 1 or state.parts:  # a shared weight sums its G_b: maps
+            return False
         if not self.factors(self.names[id(w)], w, *((g, x) if kind == "linear" else (x, g))):
-            return None
+            return False
         del self._state[id(w)]
-        return w
+        return True
 
     @staticmethod
     def _touched(mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -267,8 +261,10 @@ class PerSampleRelevance:
             return ids.unique(sorted=True)
         return reached.reshape(-1, g.shape[-1]).any(0).nonzero().flatten()  # output units some gradient reaches
 
-    def _parts(self, mod: nn.Module, kind: str, x: torch.Tensor,
-               g: torch.Tensor) -> list[tuple[nn.Parameter, _Part]]:
+    def _parts(self, mod: nn.Module, kind: str, x: torch.Tensor, g: torch.Tensor,
+               offer: bool) -> list[tuple[nn.Parameter, _Part]]:
+        """(param, part) for each of the module's parameters still to emit; `offer`: a Linear / Conv1D weight
+        goes to `factors` first (not for a row-sparse module, whose blocks carry only touched rows)."""
         if kind == "embedding":
             pad = mod.padding_idx
             return [(mod.weight, lambda rows: _embedding_block(x, g, rows, pad))]
@@ -280,10 +276,15 @@ class PerSampleRelevance:
                 out.append((mod.bias, lambda rows: gb[:, rows].clone()))
             return out
         g, x = _tokens(g), _tokens(x).to(g.dtype)
+        factored = offer and self._offer_factors(mod, kind, x, g)
+        if factored and mod.bias is None:
+            return []
         live = (g != 0).any(-1).any(0)  # positions no sample's gradient reaches (e.g. after the answer)
         if not bool(live.all()):
             g, x = g[:, live], x[:, live]
-        if kind == "linear":
+        if factored:
+            out = []
+        elif kind == "linear":
             out = [(mod.weight, lambda rows: torch.einsum("bto,bti->boi", g[..., rows], x))]
         else:  # conv1d, weight [in, out]
             out = [(mod.weight, lambda rows: torch.einsum("bti,bto->bio", x[..., rows], g))]
