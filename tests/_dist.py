@@ -27,11 +27,21 @@ def _worker(rank: int, world: int, port: int, module: str, name: str, tmp: str, 
     with open(os.path.join(tmp, f".result{rank}.pkl"), "wb") as f:  # written by us, read by us
         pickle.dump(out, f)
     shutdown_distributed()  # unless the body's command already left the group
+    # The result is on disk. Skip interpreter teardown: with a dozen engines built, a C++ worker thread
+    # still joinable at exit rarely aborts the rank ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, *args, world: int = 2, tmp: str | None = None) -> list:
-    """Run `fn(tmp, *args)` on `world` spawned CPU ranks; return each rank's result."""
-    tmp = tmp or tempfile.mkdtemp(prefix="agcl_dist_")
+    """Run `fn(tmp, *args)` on `world` spawned CPU ranks; return each rank's result.
+
+    Without `tmp`, the ranks share a fresh temporary folder that is removed afterwards.
+    """
+    if tmp is None:
+        with tempfile.TemporaryDirectory(prefix="agcl_dist_") as own:
+            return run_ranks(fn, *args, world=world, tmp=own)
     os.makedirs(tmp, exist_ok=True)
     from agcl_ds.distributed import free_port
 
