@@ -141,6 +141,10 @@ def main() -> None:
         best = max(baselines, key=baselines.get)
         agcl = statistics.fmean(r["BWT"] for r in rows["agcl"])
         print(f"(best baseline by BWT: {best})")
+        if len(seeds) > 1:  # same seed, same data order: the paired difference is the sharper comparison
+            diffs = [100 * (a["BWT"] - b["BWT"]) for a, b in zip(rows["agcl"], rows[best], strict=True)]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            print(f"(paired over {len(diffs)} seeds: {statistics.fmean(diffs):+.1f} ± {se:.1f} pts standard error)")
         print(f"agcl BWT - best baseline BWT = {100 * (agcl - baselines[best]):+.1f} pts")
 
 
