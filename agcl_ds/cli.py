@@ -450,5 +450,14 @@ def main(argv: list[str] | None = None) -> None:
         dist_helpers.shutdown_distributed()
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `agcl` command and `launch/train.py`: main(), then a rank of a distributed job ends without
+    interpreter teardown (agcl_ds.distributed.end_rank says why). In-process callers use main()."""
+    main(argv)
+    dist_helpers = sys.modules.get("agcl_ds.distributed")
+    if dist_helpers is not None and dist_helpers.joined:
+        dist_helpers.end_rank()
+
+
 if __name__ == "__main__":
-    main()
+    entry()

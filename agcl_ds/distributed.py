@@ -7,13 +7,18 @@ so every stage can call collectives unconditionally.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import warnings
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+joined = False  # this process has created or joined a process group (entry points then end through end_rank)
 
 
 def free_port() -> int:
@@ -47,6 +52,8 @@ def init_distributed(timeout_s: int = 1800) -> None:
         backend = accel.communication_backend_name()
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    global joined
+    joined = True
 
 
 def join_local_group(rank: int, world: int, port: int) -> None:
@@ -64,6 +71,21 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_rank() -> NoReturn:
+    """Leave the group and end this process with exit status 0, skipping interpreter teardown.
+
+    Only for entry points, once a rank's work is done and its files are closed. Even after
+    destroy_process_group, a C++ thread (gloo's or DeepSpeed's) can still be joinable while the
+    interpreter is being torn down; that rarely aborts a rank of a finished job with SIGABRT ("terminate
+    called without an active exception"), and the launcher then reports the job as failed.
+    """
+    shutdown_distributed()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank() -> int:

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agcl_ds.cli import main  # noqa: E402
+from agcl_ds.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    entry(["train", *sys.argv[1:]])

@@ -19,19 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _worker(rank: int, world: int, port: int, module: str, name: str, tmp: str, args: tuple) -> None:
     sys.path.insert(0, ROOT)
-    from agcl_ds.distributed import join_local_group, shutdown_distributed
+    from agcl_ds.distributed import end_rank, join_local_group
 
     join_local_group(rank, world, port)
     fn = getattr(importlib.import_module(module), name)
     out = fn(tmp, *args)
     with open(os.path.join(tmp, f".result{rank}.pkl"), "wb") as f:  # written by us, read by us
         pickle.dump(out, f)
-    shutdown_distributed()  # unless the body's command already left the group
-    # The result is on disk. Skip interpreter teardown: with a dozen engines built, a C++ worker thread
-    # still joinable at exit rarely aborts the rank ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_rank()  # as a launched rank ends (the result is on disk)
 
 
 def run_ranks(fn, *args, world: int = 2, tmp: str | None = None) -> list:
