@@ -11,7 +11,7 @@ A checkpoint is the folder `<run_dir>/checkpoints/<tag>/`, tag `t<task>-s<step>`
   row, the config that shapes results, world size, ZeRO stage, method: `position.json`, rank 0;
 - the sha256 of every file above: `manifest.json`, rank 0, written last.
 
-The data order needs no state: it is a pure function of (seed, task, step) (`loop.BatchOrder`).
+The data order needs no state: it is a pure function of (seed, task, step) (`engine.BatchOrder`).
 
 Saving is atomic: every rank writes into `.tmp-<tag>/`, the files are hashed, the folder is renamed
 to `<tag>/`, and only then is the `latest` pointer replaced; the last `keep` checkpoints are kept.
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from agcl_ds import distributed as D
+from agcl_ds.config import ConfigError, ExperimentConfig, from_dict
 from agcl_ds.fileio import sha256_file, write_json
 
 
@@ -268,3 +269,57 @@ def load(folder: str, engine, method) -> None:
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
     _load_rng(folder, saved_world)
+
+
+# --------------------------------------------------------------------------- finding one for a command
+
+
+def resolve(path: str) -> tuple[str, Position]:
+    """`<run_dir>/checkpoints/<tag>`, or `<run_dir>/checkpoints` or `<run_dir>` (then the tag in
+    latest.json: the newest checkpoint)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    latest = os.path.join(path, "latest.json")
+    if os.path.isfile(latest):
+        try:
+            with open(latest) as f:
+                path = os.path.join(path, json.load(f)["tag"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{latest}: unreadable; pass a checkpoint folder <run_dir>/checkpoints/<tag>") \
+                from None
+    if not os.path.isfile(os.path.join(path, "position.json")):
+        raise CheckpointError(f"{path}: not a checkpoint folder (no position.json); expected "
+                              f"<run_dir>/checkpoints/<tag>")
+    try:
+        return os.path.normpath(path), read_position(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/position.json: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def run_dir_of(folder: str) -> str:
+    """The run folder a checkpoint `<run_dir>/checkpoints/<tag>` belongs to."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+
+
+def check_compatible(folder: str, pos: Position, cfg: ExperimentConfig, ds_config: dict[str, Any]) -> None:
+    """The engine must be built like the one that saved the checkpoint: same model and ZeRO stage
+    (another number of ranks is fine: checkpoint.load re-partitions). Checked before any rank starts."""
+    saved = {k: v for k, v in pos.config.get("model", {}).items() if k != "pretrain"}
+    now = {k: v for k, v in cfg.resume_view()["model"].items() if k != "pretrain"}
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise CheckpointError(f"{folder}: trained with model.{key} = {saved.get(key)!r}, the config has "
+                                  f"{now.get(key)!r}")
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != pos.zero_stage:
+        raise CheckpointError(f"{folder}: saved under ZeRO stage {pos.zero_stage}, --ds has stage {stage}; use a "
+                              f"DeepSpeed JSON with stage {pos.zero_stage}, or `agcl export` it and evaluate "
+                              f"the exported folder")
+
+
+def config_of(folder: str, pos: Position) -> ExperimentConfig:
+    """The run's config as saved in position.json (everything that shapes the model)."""
+    try:
+        return from_dict(ExperimentConfig, pos.config, "config")
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}/position.json: {e}") from None

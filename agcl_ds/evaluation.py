@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from agcl_ds.data.collate import IGNORE, Tokenizer, encode, pad
-from agcl_ds.data.tasks import Task
+from agcl_ds.data.types import Task
 from agcl_ds.distributed import all_sum, device, rank, world_size
 
 Row = tuple[list[int], list[int]]

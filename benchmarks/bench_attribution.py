@@ -61,7 +61,7 @@ class IdTokenizer:
 
 def make_examples(n: int, seq: int, vocab: int, seed: int = 0) -> list:
     """n random examples of exactly `seq` tokens (bos + prompt + answer + eos), answer = last 8 + eos."""
-    from agcl_ds.data.tasks import Example
+    from agcl_ds.data.types import Example
 
     rng = random.Random(seed)
     words = lambda k: " ".join(str(rng.randrange(3, vocab)) for _ in range(k))
@@ -99,7 +99,7 @@ class Clock:
 
 
 def instrument(clock: Clock) -> None:
-    from agcl_ds import attribution
+    from agcl_ds.attribution.router import Router
     from agcl_ds.importance.aggregate import LogScale, PowerMean
     from agcl_ds.lrp.relevance import PerSampleRelevance
 
@@ -107,16 +107,16 @@ def instrument(clock: Clock) -> None:
         (PerSampleRelevance, "run", "run"),  # model forward + LRP backward incl. ZeRO gathers
         (PerSampleRelevance, "_backward", "backward_hook"),  # per-module hook: G_b's factors
         (PerSampleRelevance, "_emit", "emit"),  # per-sample G_b, |W ⊙ G_b|
-        (attribution._Router, "__call__", "route"),  # cut a block into the ranks' pieces and stage it
-        (attribution._Router, "flush", "flush"),  # exchange and merge the staged blocks
+        (Router, "__call__", "route"),  # cut a block into the ranks' pieces and stage it
+        (Router, "flush", "flush"),  # exchange and merge the staged blocks
         (LogScale, "inplace", "log_scale"),  # power: φ per sample (top-K applies φ to its K survivors at the end)
-        (attribution._Router, "_exchange", "all_to_all"),  # pad, copy, post the sends and receives
-        (attribution._Router, "_finish", "all_to_all"),  # wait for them
-        (attribution._Router, "begin", "kept"),  # kept counts, one all-gather per micro-batch (inside run)
-        (attribution._Router, "_touched", "counts"),  # a row-sparse block's touched rows, one all-reduce
-        (attribution._Router, "_update", "topk_update"),
+        (Router, "_exchange", "all_to_all"),  # pad, copy, post the sends and receives
+        (Router, "_finish", "all_to_all"),  # wait for them
+        (Router, "begin", "kept"),  # kept counts, one all-gather per micro-batch (inside run)
+        (Router, "_touched", "counts"),  # a row-sparse block's touched rows, one all-reduce
+        (Router, "_update", "topk_update"),
         (PowerMean, "partial", "power_partial"),
-        (attribution._Router, "result", "normalize"),
+        (Router, "result", "normalize"),
     ]:
         clock.wrap(owner, attr, stage)
 

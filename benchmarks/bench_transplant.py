@@ -33,10 +33,10 @@ from _runs import ROOT, fmt, run_one
 from bench_forgetting import ensure_model
 
 from agcl_ds import checkpoint
-from agcl_ds.cli import export_checkpoint
 from agcl_ds.config import ExperimentConfig, from_dict
 from agcl_ds.data.tasks import load_tasks
 from agcl_ds.evaluation import Evaluator
+from agcl_ds.export import export_checkpoint
 from agcl_ds.importance import flatstate, store
 from agcl_ds.models import build_tokenizer
 

@@ -15,8 +15,8 @@ TINY = ["model.from_config.hidden_size=32", "model.from_config.intermediate_size
 
 def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_elems=1 << 23, samples_per_step=6,
           exchange="auto"):
+    from agcl_ds.engine import build_engine
     from agcl_ds.importance.partition import gather_full, local_shards
-    from agcl_ds.loop import build_engine
     from agcl_ds.models import load_model
 
     cfg = load_config("configs/demo.yaml", [*TINY, "model.from_config=null", f"model.path={folder}",

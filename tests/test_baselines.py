@@ -25,7 +25,7 @@ from agcl_ds import distributed as D
 from agcl_ds.attribution import pick_samples
 from agcl_ds.config import ConfigError, MethodConfig, load_config, load_ds_config, resolve_ds_config
 from agcl_ds.data.collate import ByteTokenizer, collate
-from agcl_ds.data.tasks import Example
+from agcl_ds.data.types import Example
 from agcl_ds.importance import flatstate
 from agcl_ds.importance.partition import full_specs, gather_full, inner_optimizers
 from agcl_ds.methods import METHODS, build_method

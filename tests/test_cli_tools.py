@@ -44,7 +44,8 @@ def _train_body(tmp, args, ds_name):
     """Train, then restore the last checkpoint into a fresh engine (the resume path) for its logits."""
     from agcl_ds import checkpoint
     from agcl_ds.config import load_ds_config, resolve_ds_config
-    from agcl_ds.loop import build_engine, run
+    from agcl_ds.engine import build_engine
+    from agcl_ds.loop import run
     from agcl_ds.methods.base import Method, NoOptions
     from agcl_ds.models import load_model
 

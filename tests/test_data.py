@@ -6,7 +6,8 @@ import pytest
 from agcl_ds.config import SyntheticConfig
 from agcl_ds.data import synthetic
 from agcl_ds.data.collate import IGNORE, ByteTokenizer, collate
-from agcl_ds.data.tasks import DataError, Example, load_cl_benchmark, load_jsonl, load_trace
+from agcl_ds.data.tasks import load_cl_benchmark, load_jsonl, load_trace
+from agcl_ds.data.types import DataError, Example
 
 CL = os.path.join("..", "shared", "data", "CL_Benchmark")
 needs_cl = pytest.mark.skipif(not os.path.isdir(CL), reason=f"{CL} not present beside the checkout")

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from agcl_ds.data.collate import ByteTokenizer, collate
-from agcl_ds.data.tasks import Example, Task
+from agcl_ds.data.types import Example, Task
 from agcl_ds.evaluation import Evaluator
 
 

@@ -82,7 +82,7 @@ def _export_body(tmp):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from agcl_ds.config import load_ds_config, resolve_ds_config
-    from agcl_ds.loop import build_engine
+    from agcl_ds.engine import build_engine
 
     cfg = load_config("configs/demo.yaml", ["model.from_config.hidden_size=32", "model.from_config.num_layers=2",
                                             "model.from_config.intermediate_size=64", "model.pretrain=null"])

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from agcl_ds.data.tasks import DataError, Example
+from agcl_ds.data.types import DataError, Example
 
 IGNORE = -100
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from agcl_ds.data.tasks import DataError, Example, Task
+from agcl_ds.data.types import DataError, Example, Task
 
 Digits = list[int]
 

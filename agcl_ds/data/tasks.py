@@ -11,27 +11,10 @@ import glob
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-
-class DataError(ValueError):
-    """A problem with a data file, phrased for the user in one line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
-
-
-@dataclass
-class Task:
-    name: str
-    train: list[Example]
-    test: list[Example]
-    options: list[str] | None = None  # closed label set (likelihood scoring), or None (open answers)
-    meta: dict[str, Any] = field(default_factory=dict)
+from agcl_ds.data import synthetic
+from agcl_ds.data.types import DataError, Example, Task
 
 
 def _read_json(path: str) -> Any:
@@ -188,8 +171,6 @@ def load_jsonl(root: str, name: str, max_train: int | None = None, max_test: int
 
 def load_tasks(cfg) -> list[Task]:
     """The configured task sequence, in order (cfg: agcl_ds.config.ExperimentConfig)."""
-    from agcl_ds.data import synthetic
-
     d = cfg.data
     if d.source == "synthetic":
         tasks = synthetic.make_tasks(d.tasks, d.synthetic)

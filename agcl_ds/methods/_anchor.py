@@ -38,12 +38,11 @@ from agcl_ds.config import ConfigError
 from agcl_ds.data.collate import IGNORE, Tokenizer, collate
 from agcl_ds.importance import flatstate
 from agcl_ds.importance.partition import FlatLayout, flat_layout, grad_segments
-from agcl_ds.methods.base import Method
+from agcl_ds.methods.base import Method, RunContext
 
 if TYPE_CHECKING:
     from agcl_ds.config import ExperimentConfig
-    from agcl_ds.data.tasks import Example, Task
-    from agcl_ds.loop import RunContext
+    from agcl_ds.data.types import Example, Task
 
 CHUNK = 1 << 22  # elements per fp32 temporary (penalty, statistic)
 SUBDIR = "anchor"

@@ -21,13 +21,12 @@ from agcl_ds.gate import Gate, attach_gate
 from agcl_ds.importance.partition import flat_layout, local_shards
 from agcl_ds.importance.store import ImportanceStore
 from agcl_ds.lrp.rules import SUPPORTED, check_supported
-from agcl_ds.methods.base import Method
+from agcl_ds.methods.base import Method, RunContext
 from agcl_ds.models import ModelError, model_type
 
 if TYPE_CHECKING:
     from agcl_ds.config import ExperimentConfig
-    from agcl_ds.data.tasks import Task
-    from agcl_ds.loop import RunContext
+    from agcl_ds.data.types import Task
 
 
 @dataclass
@@ -94,7 +93,7 @@ class Agcl(Method):
 
     def _single_task_importance(self, ctx: RunContext, index: int, task: Task):
         """Fine-tune a fresh copy of the base on this task alone, explain it, and free it."""
-        from agcl_ds.loop import build_engine, train_task
+        from agcl_ds.engine import build_engine, train_task
         from agcl_ds.models import load_model
 
         loaded = load_model(ctx.cfg, ctx.ds_config, path_override=ctx.base_dir)

@@ -14,13 +14,12 @@ import torch
 
 from agcl_ds.config import ConfigError
 from agcl_ds.methods.agcl import Agcl, AgclOptions
-from agcl_ds.methods.base import Method
+from agcl_ds.methods.base import Method, RunContext
 from agcl_ds.methods.replay import Replay, ReplayOptions
 
 if TYPE_CHECKING:
     from agcl_ds.config import ExperimentConfig
-    from agcl_ds.data.tasks import Example, Task
-    from agcl_ds.loop import RunContext
+    from agcl_ds.data.types import Example, Task
 
 
 @dataclass

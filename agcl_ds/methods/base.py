@@ -19,14 +19,30 @@ when a run resumes mid-task, `before_task` is called again after `load`, so it m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from agcl_ds.config import ExperimentConfig
-    from agcl_ds.data.tasks import Example, Task
-    from agcl_ds.loop import RunContext
+from agcl_ds.config import ExperimentConfig
+from agcl_ds.data.collate import Tokenizer
+from agcl_ds.data.types import Example, Task
+from agcl_ds.evaluation import Evaluator
+from agcl_ds.runlog import RunLog
+
+
+@dataclass
+class RunContext:
+    """What a method may use: never the engine's internals, only its public calls."""
+
+    cfg: ExperimentConfig
+    engine: Any
+    tokenizer: Tokenizer
+    tasks: list[Task]
+    run_dir: str
+    log: RunLog
+    evaluator: Evaluator
+    ds_config: dict[str, Any]  # the resolved DeepSpeed config (a method may build a second engine)
+    base_dir: str | None  # the cached pretrained base, when the model is pretrained here
 
 
 @dataclass

@@ -21,13 +21,12 @@ import torch
 
 from agcl_ds.config import ConfigError
 from agcl_ds.gate import Gate, attach_gate
-from agcl_ds.methods.base import Method
+from agcl_ds.methods.base import Method, RunContext
 from agcl_ds.models import BLOCK_NAME
 
 if TYPE_CHECKING:
-    from agcl_ds.data.tasks import Task
+    from agcl_ds.data.types import Task
     from agcl_ds.importance.partition import ShardSpec
-    from agcl_ds.loop import RunContext
 
 EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_positions|wte|wpe|lm_head)\.")
 

@@ -13,14 +13,13 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agcl_ds.data.tasks import Example
+from agcl_ds.data.types import Example
 from agcl_ds.distributed import is_main
 from agcl_ds.fileio import write_json
-from agcl_ds.methods.base import Method
+from agcl_ds.methods.base import Method, RunContext
 
 if TYPE_CHECKING:
-    from agcl_ds.data.tasks import Task
-    from agcl_ds.loop import RunContext
+    from agcl_ds.data.types import Task
 
 
 @dataclass

@@ -1,9 +1,4 @@
-"""The attribution pass: per-element importance of every trainable parameter for one task, computed
-on the (possibly ZeRO-3-partitioned) engine and left on each rank for exactly its own shard.
-
-    samples ─► lrp_rules(model) ─► PerSampleRelevance (hooks, one module's weight gathered at a time)
-            ─► route each row block to the rank owning it ─► top-K of |R_b| per element, mean of φ = log1p(·/s)
-               over them (or the power mean of φ(|R_b|)) ─► normalise per tensor to [0, 1]
+"""Relevance routed to the rank that owns each shard, and aggregated there (the attribution pass's exchange).
 
 Routing: the hooks see a block of rows of the full weight per kept sample while ZeRO-3 has it
 gathered. Every rank cuts the block into the ranges the ranks own (`partition.ShardSpec`) and sends each
@@ -21,13 +16,13 @@ MLP at 512 tokens on 64 ranks: 1.2 times, so its maps travel). The products G_b 
 same FLOPs, split the same way.
 
 Blocks and factors are staged and exchanged together once `block_elems` values per sample have gathered
-(`_Router.flush`): one message per pair of ranks and one wait per bundle instead of one per parameter.
+(`Router.flush`): one message per pair of ranks and one wait per bundle instead of one per parameter.
 Every wait is a point where the rank ahead idles: on the 2-core test host the per-parameter waits (and a
 per-block count all-reduce) cost 2.7 s of a 24 s pass (benchmarks/RESULTS.md).
 
 Row-sparse blocks (embeddings, the output head: see `lrp.relevance`) carry only the rows their samples
 touch. An all-reduce ORs those rows over the ranks (the kept-sample counts are gathered once per micro-batch,
-before its backward, by `_Router.begin`); every rank then sends its values for that union (zeros where it
+before its backward, by `Router.begin`); every rank then sends its values for that union (zeros where it
 touched nothing) and each owner merges them into the matching columns of its buffer. The top-K buffer starts
 at 0, so the rows nobody touched, whose |R| is exactly 0, are left out of the merge without changing the
 result: on a 32k vocabulary that removes well over 99% of the embedding and head values from the hooks,
@@ -36,18 +31,14 @@ the exchange and the merge.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from agcl_ds import distributed as D
-from agcl_ds.data.collate import Tokenizer, collate
-from agcl_ds.data.tasks import Example
+from agcl_ds.attribution.options import AttributionOptions
 from agcl_ds.importance.aggregate import (
     LogScale,
     PowerMean,
@@ -58,34 +49,10 @@ from agcl_ds.importance.aggregate import (
     local_reduce,
     normalize_many,
 )
-from agcl_ds.importance.partition import ShardSpec, local_shards
-from agcl_ds.lrp.relevance import PerSampleRelevance
-from agcl_ds.lrp.rules import lrp_rules
+from agcl_ds.importance.partition import ShardSpec
 
 
-@dataclass
-class AttributionOptions:
-    """How importance is estimated (defaults: the paper's recipe, top-20% binarised)."""
-
-    source: Literal["lrp", "grad_x_weight", "random"] = "lrp"  # the last two are ablations / controls
-    variant: Literal["attnlrp", "cplrp"] = "attnlrp"
-    target: Literal["predicted", "gold", "loss"] = "predicted"  # which next-token logit (or log-prob) is explained
-    positions: Literal["all", "first"] = "all"  # sum over answer positions, or the first one only
-    only_correct: bool = True  # the paper keeps only samples the model answers correctly
-    aggregate: Literal["topk", "power"] = "topk"  # top-K mean (paper) or sum-reducible power mean
-    k: int = 8
-    power: float = 4.0
-    normalize: Literal["topk", "rank", "minmax"] = "topk"
-    top_frac: float = 0.2  # for normalize: topk (binary mask of the top fraction per tensor)
-    n_samples: int = 64  # training examples explained per task (over all ranks)
-    micro_batch_size: int = 8  # per rank
-    block_elems: int = 1 << 23  # relevance values per kept sample in one hook block (memory: B × this × 4 bytes)
-    # top-K on several ranks: what travels for a Linear weight, its per-sample maps or the factors of G_b
-    # ("auto": whichever is fewer bytes, see `_Router.factors`)
-    exchange: Literal["auto", "values", "factors"] = "auto"
-
-
-def _world_reduce() -> Reduce:
+def world_reduce() -> Reduce:
     """The reduce for tensors sharded over the whole world (nothing to combine in a single process)."""
     return dist_reduce() if dist.is_initialized() and D.world_size() > 1 else local_reduce
 
@@ -154,7 +121,7 @@ class _Factors:
         return self.w.numel()
 
 
-class _Router:
+class Router:
     """Receives row blocks (or a weight's factors) from the hooks and feeds each rank's aggregator with its
     own slice of every parameter."""
 
@@ -162,7 +129,7 @@ class _Router:
         self.specs, self.opts, self.device = specs, opts, device
         self.ranges = _owner_ranges(specs)
         self.world, self.rank = D.world_size(), D.rank()
-        self.reduce = _world_reduce()
+        self.reduce = world_reduce()
         self.scale = {n: LogScale(reduce=self.reduce) for n in specs}
         if opts.aggregate == "topk":  # φ >= 0: an entry a sample does not touch keeps the floor 0 (no-op)
             self.agg = {n: TopKMean(s.numel, opts.k, device=device, floor=0.0) for n, s in specs.items()}
@@ -408,52 +375,3 @@ class _Router:
                         else agg.result())
         return dict(zip(names, normalize_many(raws, self.opts.normalize, self.opts.top_frac, reduce=self.reduce),
                         strict=True))
-
-
-def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, seed: int) -> dict[str, torch.Tensor]:
-    """The control: uniform random scores through the same normalisation (same sparsity as `lrp`)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + D.rank())
-    reduce = _world_reduce()
-    names = sorted(specs)
-    scores = [torch.rand(specs[n].numel, generator=gen).to(D.device()) for n in names]
-    return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce), strict=True))
-
-
-def pick_samples(examples: list[Example], n: int, seed: int) -> list[Example]:
-    """A seeded subset of the task's training examples (never its test set)."""
-    idx = list(range(len(examples)))
-    random.Random(f"attribution:{seed}").shuffle(idx)
-    return [examples[i] for i in idx[:n]]
-
-
-def attribute(engine, tok: Tokenizer, examples: list[Example], opts: AttributionOptions, max_len: int,
-              seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
-    """Importance in [0, 1] for this rank's shard of every trainable parameter (collective).
-
-    Returns the local shards keyed like `partition.local_shards(engine)` and the number of samples
-    (over all ranks) whose relevance entered the aggregate.
-    """
-    specs = local_shards(engine)
-    if opts.source == "random":
-        return _random_importance(specs, opts, seed), 0
-    samples = pick_samples(examples, opts.n_samples, seed)
-    mine = samples[D.rank()::D.world_size()]
-    n_batches = math.ceil(len(samples) / (D.world_size() * opts.micro_batch_size))
-    router = _Router(specs, opts, D.device())
-    module = engine.module
-    was_training = module.training
-    rules = lrp_rules(module, variant=opts.variant) if opts.source == "lrp" else contextlib.nullcontext()
-    with rules, PerSampleRelevance(module, router, opts.block_elems, wanted=specs, factors=router.factors) as hooks:
-        for b in range(n_batches):
-            chunk = mine[b * opts.micro_batch_size:(b + 1) * opts.micro_batch_size] or mine[:1] or samples[:1]
-            batch = {k: v.to(D.device()) for k, v in collate(tok, chunk, max_len).items()}
-            real = len(mine[b * opts.micro_batch_size:(b + 1) * opts.micro_batch_size])
-            if real == 0:  # this rank ran out: take part in the collectives, explain nothing
-                batch["labels"] = torch.full_like(batch["labels"], -100)
-            keep = hooks.run(batch, target=opts.target, positions=opts.positions,
-                             only_correct=opts.only_correct or real == 0, on_keep=router.begin)
-            router.flush()
-            router.kept += int(keep.sum())
-    module.train(was_training)
-    total = int(D.all_sum([float(router.kept)])[0])
-    return router.result(), total
