@@ -7,8 +7,9 @@ A checkpoint is the folder `<run_dir>/checkpoints/<tag>/`, tag `t<task>-s<step>`
 - method state (importance shards and R̄, Fisher, replay buffer, ...): whatever `Method.save`
   writes, every rank;
 - RNG states (torch CPU and accelerator, Python): `rng/rank<r>.safetensors`, every rank;
-- the loop position (task index, optimizer steps done in it), the accuracy rows so far, the base
-  row, the config that shapes results, world size, ZeRO stage, method: `position.json`, rank 0;
+- the loop position (task index, optimizer steps done in it), the score rows so far, the base
+  row, the general-ability rows (`evaluation.general`), the config that shapes results, world
+  size, ZeRO stage, method: `position.json`, rank 0;
 - the sha256 of every file above: `manifest.json`, rank 0, written last.
 
 The data order needs no state: it is a pure function of (seed, task, step) (`engine.BatchOrder`).
@@ -55,6 +56,7 @@ class Position:
     world_size: int = 1
     zero_stage: int = 0
     method: str = ""
+    general: list[list[float]] = field(default_factory=list)  # evaluation.general: before task 1, after each
 
     @property
     def tag(self) -> str:

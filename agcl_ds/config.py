@@ -69,9 +69,27 @@ class SyntheticConfig:
     seed: int = 0
 
 
+# how a task's generated answers can be scored: agcl_ds.evaluation.metrics.METRICS implements each
+METRIC_NAMES = ("accuracy", "choice", "rouge_l", "sari", "edit_sim", "f1")
+
+
+@dataclass
+class HFTaskConfig:
+    """One task read through Hugging Face `datasets` (`data.source: hf`, `data.hf.<task>`)."""
+
+    path: str  # a save_to_disk folder, a data file or folder (parquet/json/jsonl/csv), or a cached hub id
+    name: str | None = None  # the dataset's configuration name, if it has several
+    train_split: str = "train"
+    test_split: str = "test"
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str | None = None  # e.g. "Question: {question}\nAnswer:"; fields by name; default: the prompt field
+    metric: str | None = None  # default: accuracy
+
+
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "cl_benchmark", "trace", "jsonl"] = "synthetic"
+    source: Literal["synthetic", "cl_benchmark", "trace", "jsonl", "hf"] = "synthetic"
     path: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["dec", "add3", "mul3", "neg"])
     max_train: int | None = None  # per task; None keeps everything
@@ -79,6 +97,7 @@ class DataConfig:
     max_seq_len: int = 256
     max_input_chars: int | None = None  # cl_benchmark: cut each input text to this many characters
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    hf: dict[str, Any] = field(default_factory=dict)  # source hf: task name -> HFTaskConfig fields
 
 
 @dataclass
@@ -105,6 +124,11 @@ class TrainingConfig:
 class EvaluationConfig:
     mode: Literal["generate", "likelihood"] = "generate"
     batch_size: int = 64
+    decode: Literal["auto", "always"] = "auto"  # auto: teacher-forced exact match where the metric is accuracy
+    max_new_tokens: int = 64  # greedy decoding budget per answer
+    metrics: dict[str, Any] = field(default_factory=dict)  # task -> metric, over the layout's default
+    general: list[str] = field(default_factory=list)  # never trained on; scored before the first task and after each
+    bwt_over: Literal["T-1", "T"] = "T-1"  # the divisor of BWT (TRACE and Mammoth: T-1; some papers: T)
 
 
 @dataclass
@@ -315,7 +339,7 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: data.max_input_chars: expected an integer >= 1 or null")
     if m.from_config is not None and m.tokenizer == "auto":
         m.tokenizer = "byte"
-    if cfg.data.source != "synthetic" and not cfg.data.path:
+    if cfg.data.source not in ("synthetic", "hf") and not cfg.data.path:
         raise ConfigError(f"{path}: data.path is required for data.source={cfg.data.source}")
     if not cfg.data.tasks:
         raise ConfigError(f"{path}: data.tasks: expected at least one task")
@@ -329,6 +353,39 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: training.lr: expected a positive number")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError(f"{path}: checkpoint: every_steps must be >= 0 and keep >= 1")
+    _check_evaluation(cfg, path)
+
+
+def _check_evaluation(cfg: ExperimentConfig, path: str) -> None:
+    e, d = cfg.evaluation, cfg.data
+    generates = e.decode == "always" or d.source in ("trace", "hf") or any(m != "accuracy" for m in e.metrics.values())
+    if e.max_new_tokens < 1 or (generates and e.max_new_tokens >= d.max_seq_len):
+        raise ConfigError(f"{path}: evaluation.max_new_tokens: expected 1 .. data.max_seq_len - 1 "
+                          f"({d.max_seq_len - 1}), got {e.max_new_tokens}")
+    overlap = sorted(set(e.general) & set(d.tasks))
+    if overlap:
+        raise ConfigError(f"{path}: evaluation.general: {overlap[0]!r} is also in data.tasks; general tasks are "
+                          f"never trained on")
+    if len(set(e.general)) != len(e.general):
+        raise ConfigError(f"{path}: evaluation.general: a task is listed twice")
+    known = sorted(METRIC_NAMES)
+    for task, metric in e.metrics.items():
+        if task not in d.tasks and task not in e.general:
+            raise ConfigError(f"{path}: evaluation.metrics.{task}: not a task of data.tasks or evaluation.general")
+        if metric not in METRIC_NAMES:
+            raise ConfigError(f"{path}: evaluation.metrics.{task}: unknown metric {metric!r} "
+                              f"(known: {', '.join(known)})")
+    if d.source == "hf":
+        for task in [*d.tasks, *e.general]:
+            if task not in d.hf:
+                raise ConfigError(f"{path}: data.hf.{task}: missing (data.source hf needs a dataset per task)")
+        for task, spec in d.hf.items():
+            checked = from_dict(HFTaskConfig, spec, f"data.hf.{task}")
+            if checked.metric is not None and checked.metric not in METRIC_NAMES:
+                raise ConfigError(f"{path}: data.hf.{task}.metric: unknown metric {checked.metric!r} "
+                                  f"(known: {', '.join(known)})")
+    elif d.hf:
+        raise ConfigError(f"{path}: data.hf: only read with data.source hf (it is {d.source})")
 
 
 # --------------------------------------------------------------------------- DeepSpeed JSON

@@ -22,13 +22,13 @@ import torch
 from agcl_ds import checkpoint
 from agcl_ds import distributed as D
 from agcl_ds.config import ExperimentConfig
-from agcl_ds.data.tasks import load_tasks
+from agcl_ds.data.tasks import load_general, load_tasks
 from agcl_ds.engine import build_engine, reset_optimizer_state, train_task
 from agcl_ds.evaluation import Evaluator
 from agcl_ds.fileio import write_json
 from agcl_ds.methods import build_method
 from agcl_ds.methods.base import RunContext
-from agcl_ds.metrics import summary
+from agcl_ds.metrics import general_delta, summary
 from agcl_ds.models import load_model, save_consolidated
 from agcl_ds.report import heatmap, matrix_table
 from agcl_ds.runlog import RunLog
@@ -161,6 +161,7 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     run_dir = cfg.run_dir()
     ckpt_root = os.path.join(run_dir, "checkpoints")
     tasks = load_tasks(cfg)
+    general = load_general(cfg)
     method = build_method(cfg.method)
     found = _resume_point(cfg, ckpt_root, resume)
     results_path = os.path.join(run_dir, "results.json")
@@ -179,7 +180,7 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     loaded = load_model(cfg, ds_config, path_override=base_dir)
     engine = build_engine(loaded, ds_config)
     tok = loaded.tokenizer
-    evaluator = Evaluator(engine, tok, cfg.data.max_seq_len, cfg.evaluation.batch_size, cfg.evaluation.mode)
+    evaluator = Evaluator.for_run(engine, tok, cfg)
     ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator, ds_config, base_dir)
     method.setup(ctx)
     started = time.time()
@@ -188,15 +189,20 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
         checkpoint.load(folder, engine, method)
         log.print(f"resumed from {folder}: task {pos.task + 1}/{len(tasks)}, step {pos.step}")
         base, matrix = pos.base, [list(r) for r in pos.matrix]
+        general_rows = [list(r) for r in pos.general]
         first_task, first_step = pos.task, pos.step
     else:
         base = evaluator.evaluate_all(tasks)
         log.event("eval", after="base", accuracies=base)
+        general_rows = [evaluator.evaluate_all(general)] if general else []
+        if general:
+            log.event("eval_general", after="base", scores=general_rows[0])
         matrix, first_task, first_step = [], 0, 0
 
     def position(task: int, step: int) -> checkpoint.Position:
         return checkpoint.Position(task=task, step=step, matrix=matrix, base=base, config=cfg.resume_view(),
-                                   world_size=D.world_size(), zero_stage=zero_stage, method=cfg.method.name)
+                                   world_size=D.world_size(), zero_stage=zero_stage, method=cfg.method.name,
+                                   general=general_rows)
 
     try:
         for i in range(first_task, len(tasks)):
@@ -223,6 +229,9 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
             row = evaluator.evaluate_all(tasks)
             matrix.append(row)
             log.event("eval", after=task.name, accuracies=row)
+            if general:
+                general_rows.append(evaluator.evaluate_all(general))
+                log.event("eval_general", after=task.name, scores=general_rows[-1])
             log.task_summary(task.name, matrix, [t.name for t in tasks], task_seconds,
                              sum(losses) / len(losses) if losses else None)
             method.after_task(ctx, i, task)
@@ -230,14 +239,24 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     finally:
         log.close_progress()
     names = [t.name for t in tasks]
-    results = {"tasks": names, "matrix": matrix, "base": base, **summary(matrix, base),
+    results = {"tasks": names, "metrics": [t.metric for t in tasks], "matrix": matrix, "base": base,
+               **summary(matrix, base, cfg.evaluation.bwt_over), "bwt_over": cfg.evaluation.bwt_over,
                "method": cfg.method.name, "config": cfg.to_dict(), "world_size": D.world_size(),
                "seconds": round(time.time() - started, 1)}
+    tokens, seconds = D.all_sum([evaluator.generator.tokens, evaluator.generator.seconds])  # ranks in lock-step
+    if tokens:  # decoding throughput over all ranks, when anything was generated
+        results["generation"] = {"tokens": int(tokens), "seconds": round(seconds / D.world_size(), 2),
+                                 "tokens_per_s": round(tokens * D.world_size() / seconds, 1)}
+    if general:
+        results["general"] = {"tasks": [t.name for t in general], "metrics": [t.metric for t in general],
+                              "base": general_rows[0], "rows": general_rows[1:],
+                              "delta": general_delta(general_rows[1:], general_rows[0])}
     if D.is_main():
         write_json(results_path, results, indent=2)
         heatmap(results, os.path.join(run_dir, "matrix.png"))
     log.print(matrix_table(results))
-    log.event("done", OP=results["OP"], BWT=results["BWT"], FWT=results["FWT"])
+    log.event("done", OP=results["OP"], BWT=results["BWT"], FWT=results["FWT"],
+              general_delta=results.get("general", {}).get("delta"))
     log.close()
     D.barrier()
     return results

@@ -11,17 +11,31 @@ def _fmt(x: float | None) -> str:
     return "  n/a" if x is None else f"{x:+.3f}" if x < 0 else f"{x:.3f}"
 
 
-def matrix_table(results: dict[str, Any]) -> str:
-    """The accuracy matrix as text: rows = after training task i, columns = evaluated on task j."""
-    tasks = results["tasks"]
-    width = max(8, *(len(t) for t in tasks)) + 1
+def _rows(tasks: list[str], metrics: list[str], width: int, labelled: list[tuple[str, list[float]]]) -> list[str]:
     corner = "after \\ on"
     head = f"{corner:<{width}}" + "".join(f"{t:>{width}}" for t in tasks)
-    lines = [f"method: {results['method']}", head,
-             f"{'(base)':<{width}}" + "".join(f"{x:>{width}.3f}" for x in results["base"])]
-    for name, row in zip(tasks, results["matrix"], strict=True):
-        lines.append(f"{name:<{width}}" + "".join(f"{x:>{width}.3f}" for x in row))
-    lines.append(f"OP {_fmt(results['OP'])}   BWT {_fmt(results['BWT'])}   FWT {_fmt(results['FWT'])}")
+    lines = [head, f"{'(metric)':<{width}}" + "".join(f"{m:>{width}}" for m in metrics)]
+    lines += [f"{label:<{width}}" + "".join(f"{x:>{width}.3f}" for x in row) for label, row in labelled]
+    return lines
+
+
+def matrix_table(results: dict[str, Any]) -> str:
+    """The score matrix as text: rows = after training task i, columns = evaluated on task j (each by
+    the metric named under it); then the general-ability tasks, when the run had them."""
+    tasks = results["tasks"]
+    metrics = results.get("metrics") or ["accuracy"] * len(tasks)  # results from before per-task metrics
+    general = results.get("general")
+    names = tasks + (general["tasks"] if general else [])
+    width = max(8, *(len(t) for t in names), *(len(m) for m in metrics)) + 1
+    lines = [f"method: {results['method']}"]
+    lines += _rows(tasks, metrics, width, [("(base)", results["base"]), *zip(tasks, results["matrix"], strict=True)])
+    over = results.get("bwt_over", "T-1")
+    lines.append(f"OP {_fmt(results['OP'])}   BWT {_fmt(results['BWT'])} (over {over})   FWT {_fmt(results['FWT'])}")
+    if general:
+        lines.append("general ability (never trained on):")
+        lines += _rows(general["tasks"], general["metrics"], width,
+                       [("(base)", general["base"]), *zip(tasks, general["rows"], strict=True)])
+        lines.append(f"general delta {_fmt(general['delta'])} (after the last task - before the first)")
     return "\n".join(lines)
 
 
@@ -37,9 +51,12 @@ def side_by_side(all_results: list[dict[str, Any]]) -> str:
 
 
 def summary_table(all_results: list[dict[str, Any]]) -> str:
-    lines = [f"{'method':<16}{'OP':>8}{'BWT':>8}{'FWT':>8}"]
+    general = any("general" in r for r in all_results)
+    lines = [f"{'method':<16}{'OP':>8}{'BWT':>8}{'FWT':>8}" + (f"{'general':>9}" if general else "")]
     for r in all_results:
-        lines.append(f"{r['method']:<16}{_fmt(r['OP']):>8}{_fmt(r['BWT']):>8}{_fmt(r['FWT']):>8}")
+        delta = r.get("general", {}).get("delta")
+        lines.append(f"{r['method']:<16}{_fmt(r['OP']):>8}{_fmt(r['BWT']):>8}{_fmt(r['FWT']):>8}"
+                     + (f"{_fmt(delta):>9}" if general else ""))
     return "\n".join(lines)
 
 

@@ -99,6 +99,21 @@ def _jsonl(tmp: Path, lines: str, options: list[str] | None = None) -> list[str]
     return ["data.source=jsonl", f"data.path={tmp / 'jl'}", "data.tasks=[qa]"]
 
 
+def _trace(tmp: Path, test_rows: list | None = None, *extra: str) -> list[str]:
+    """A one-task TRACE folder whose test split is `test_rows` (the train split is fine)."""
+    folder = tmp / "trace" / "Py150"
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text(json.dumps([{"prompt": "def f():", "answer": "return 1"}]))
+    (folder / "test.json").write_text(json.dumps(test_rows if test_rows is not None else
+                                                 [{"prompt": "def g():", "answer": "return 2"}]))
+    return ["data.source=trace", f"data.path={tmp / 'trace'}", "data.tasks=[Py150]", "evaluation.max_new_tokens=4",
+            *extra]
+
+
+def _hf(tmp: Path, path: str) -> list[str]:
+    return ["data.source=hf", "data.tasks=[qa]", f"data.hf={{qa: {{path: {path}}}}}", "evaluation.max_new_tokens=4"]
+
+
 def _model_folder(tmp: Path, config: dict | None) -> str:
     folder = tmp / "model"
     folder.mkdir()
@@ -225,7 +240,7 @@ CASES = [
          "ds.json.zero_optimization.stage: expected 0, 1, 2 or 3, got 4"),
     # data
     case("data_source_unknown", lambda t, r: _train(t, "data.source=csv", "data.path=/x"),
-         "config.data.source: expected one of 'synthetic' | 'cl_benchmark' | 'trace' | 'jsonl', got 'csv'"),
+         "config.data.source: expected one of 'synthetic' | 'cl_benchmark' | 'trace' | 'jsonl' | 'hf', got 'csv'"),
     case("synthetic_task_unknown", lambda t, r: _train(t, "data.tasks=[dec, nope]"),
          "data.tasks: unknown synthetic task 'nope'"),
     case("data_folder_missing", lambda t, r: _train(t, "data.source=cl_benchmark", "data.path=/no/data"),
@@ -249,6 +264,18 @@ CASES = [
     case("jsonl_answer_outside_options",
          lambda t, r: _train(t, *_jsonl(t, '{"prompt": "q", "answer": "c"}\n', ["a", "b"])),
          "example 0: answer 'c' is not in "),
+    # TRACE and Hugging Face datasets
+    case("metric_unknown", lambda t, r: _train(t, *_trace(t), "evaluation.metrics={Py150: bleu}"),
+         "evaluation.metrics.Py150: unknown metric 'bleu' (known: accuracy, choice, edit_sim, f1, rouge_l, sari)"),
+    case("trace_answer_missing", lambda t, r: _train(t, *_trace(t, [{"prompt": "def g():"}])),
+         "Py150/test.json: no field 'answer' (fields: prompt)"),
+    case("trace_empty_split", lambda t, r: _train(t, *_trace(t, [])), "Py150/test.json: no examples (empty split)"),
+    case("hf_path_missing", lambda t, r: _train(t, *_hf(t, "/no/such/dataset")),
+         "data.hf.qa.path: '/no/such/dataset' is neither a local path nor a dataset in the offline cache"),
+    case("hf_hub_id_not_cached", lambda t, r: _train(t, *_hf(t, "someone/never-downloaded")),
+         "data.hf.qa.path: 'someone/never-downloaded' is neither a local path nor a dataset in the offline cache"),
+    case("general_also_trained", lambda t, r: _train(t, "evaluation.general=[dec]"),
+         "evaluation.general: 'dec' is also in data.tasks; general tasks are never trained on"),
     # the model
     case("model_folder_missing", lambda t, r: _train(t, *_from_model("model.path=/no/such/model")),
          "model.path: folder '/no/such/model' not found"),

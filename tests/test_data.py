@@ -6,7 +6,8 @@ import pytest
 from agcl_ds.config import SyntheticConfig
 from agcl_ds.data import synthetic
 from agcl_ds.data.collate import IGNORE, ByteTokenizer, collate
-from agcl_ds.data.tasks import load_cl_benchmark, load_jsonl, load_trace
+from agcl_ds.data.hf import load_hf_task, load_trace
+from agcl_ds.data.tasks import load_cl_benchmark, load_jsonl
 from agcl_ds.data.types import DataError, Example
 
 CL = os.path.join("..", "shared", "data", "CL_Benchmark")
@@ -71,12 +72,61 @@ def test_trace_layout(tmp_path):
         (folder / f"{split}.json").write_text(json.dumps(rows))
     task = load_trace(str(tmp_path), "C-STANCE", max_train=3)
     assert task.train == [Example("q0", "a0"), Example("q1", "a1"), Example("q2", "a2")]
-    assert len(task.test) == 4 and task.options is None
+    assert len(task.test) == 4 and task.options is None and task.metric == "choice"  # TRACE's metric for it
     (folder / "test.json").write_text(json.dumps([{"prompt": "q"}]))
-    with pytest.raises(DataError, match=r"test.json: item 0: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"test.json: no field 'answer' \(fields: prompt\)"):
+        load_trace(str(tmp_path), "C-STANCE")
+    (folder / "test.json").write_text(json.dumps([{"prompt": "q", "answer": "a"}, {"prompt": "r"}]))
+    with pytest.raises(DataError, match=r"test.json: item 1: missing field 'answer'"):
+        load_trace(str(tmp_path), "C-STANCE")
+    (folder / "test.json").write_text("[]")
+    with pytest.raises(DataError, match=r"test.json: no examples \(empty split\)"):
+        load_trace(str(tmp_path), "C-STANCE")
+    (folder / "test.json").write_text('[{"prompt": "q", "answer": ')
+    with pytest.raises(DataError, match=r"test.json: cannot read it as json"):
         load_trace(str(tmp_path), "C-STANCE")
     with pytest.raises(DataError, match="TRACE task folder not found"):
         load_trace(str(tmp_path), "other")
+
+
+def test_trace_fixtures_carry_each_tasks_metric():
+    root = os.path.join(os.path.dirname(__file__), "fixtures", "trace")
+    metrics = {name: load_trace(root, name).metric for name in sorted(os.listdir(root)) if "." not in name}
+    assert metrics == {"20Minuten": "sari", "C-STANCE": "choice", "MeetingBank": "rouge_l", "NumGLUE-cm": "accuracy",
+                       "Py150": "edit_sim", "ScienceQA": "choice"}
+
+
+def test_hf_source_reads_save_to_disk_files_and_templates(tmp_path):
+    import datasets
+
+    rows = {"train": [{"question": f"q{i}", "label": i % 2} for i in range(5)],
+            "validation": [{"question": "z", "label": 1}]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(tmp_path / "disk")
+    spec = {"path": str(tmp_path / "disk"), "test_split": "validation", "answer_field": "label",
+            "template": "Q: {question}\nA:", "metric": "f1"}
+    task = load_hf_task("bq", spec, max_train=2)
+    assert task.train == [Example("Q: q0\nA:", "0"), Example("Q: q1\nA:", "1")]
+    assert task.test == [Example("Q: z\nA:", "1")] and task.metric == "f1"
+    files = tmp_path / "files"
+    files.mkdir()
+    datasets.Dataset.from_list(rows["train"]).to_parquet(files / "train.parquet")
+    (files / "test.jsonl").write_text('{"question": "z", "label": 1}\n')
+    got = load_hf_task("bq", {**spec, "path": str(files), "test_split": "test"})
+    assert got.train[:2] == task.train and got.test == task.test
+    with pytest.raises(DataError, match=r"data.hf.bq: no split 'dev' in .* \(found: test, train\)|no split 'dev'"):
+        load_hf_task("bq", {**spec, "path": str(files), "test_split": "dev"})
+    with pytest.raises(DataError, match=r"template names field 'passage', not among label, question"):
+        load_hf_task("bq", {**spec, "template": "{passage}"})
+    with pytest.raises(DataError, match=r"no field 'answer' \(fields: label, question\)"):
+        load_hf_task("bq", {"path": str(files), "prompt_field": "question"})
+
+
+def test_hf_source_refuses_what_is_not_on_disk(tmp_path):
+    with pytest.raises(DataError, match=r"data.hf.x.path: 'someone/not-cached' is neither a local path nor a "
+                                        r"dataset in the offline cache"):
+        load_hf_task("x", {"path": "someone/not-cached"})
+    with pytest.raises(DataError, match=r"data.hf.x.path: .* holds no save_to_disk dataset"):
+        load_hf_task("x", {"path": str(tmp_path)})
 
 
 def test_jsonl_layout_and_bad_line(tmp_path):

@@ -1,5 +1,6 @@
 """The teacher-forced exact match must equal real greedy decoding; likelihood picks the best option."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,6 +65,28 @@ def test_exact_match_equals_greedy_generation():
     assert ev.evaluate(task) == sum(expected) / len(expected)
     for ex, want in zip(examples, expected, strict=True):
         assert ev.evaluate(Task("one", [], [ex])) == float(want)
+    # real batched, left-padded greedy decoding scores the same, example by example
+    decoded = Evaluator(Engine(model), tok, max_len=64, batch_size=5, mode="generate", max_new_tokens=16,
+                        decode="always")
+    assert decoded.evaluate(task) == sum(expected) / len(expected)
+    answers = decoded.generator.answers([tok.encode(ex.prompt, prompt=True) for ex in examples], 16)
+    for ex, answer in zip(examples, answers, strict=True):
+        own, stopped = greedy(model, tok, ex.prompt, 16)
+        assert answer == own  # the same text as one-at-a-time greedy decoding, EOS cut off
+    assert decoded.generator.tokens > 0 and decoded.generator.seconds > 0
+
+
+def test_generated_answers_are_scored_by_the_tasks_metric():
+    model, tok = tiny(), ByteTokenizer()
+    prompts = [f"p{i}=" for i in range(6)]
+    ev = Evaluator(Engine(model), tok, max_len=64, batch_size=4, mode="generate", max_new_tokens=8)
+    answers = ev.generator.answers([tok.encode(p, prompt=True) for p in prompts], 8)
+    golds = [a if i % 2 else a + "zz" for i, a in enumerate(answers)]  # half exact, half not
+    from agcl_ds.evaluation.metrics import edit_sim
+
+    task = Task("t", [], [Example(p, g) for p, g in zip(prompts, golds, strict=True)], metric="edit_sim")
+    want = sum(edit_sim(a, g) for a, g in zip(answers, golds, strict=True)) / len(prompts)
+    assert ev.evaluate(task) == pytest.approx(want) and 0 < want < 1
 
 
 def test_likelihood_picks_the_most_probable_option():

@@ -28,14 +28,14 @@ def run(args: argparse.Namespace) -> None:
     check_writable(out_dir, "--out")
     engine, tok = engine_for(p, out_dir)
     ev = p.cfg.evaluation
-    row = Evaluator(engine, tok, p.cfg.data.max_seq_len, ev.batch_size, ev.mode).evaluate_all(p.tasks)
+    row = Evaluator.for_run(engine, tok, p.cfg).evaluate_all(p.tasks)
     names = [t.name for t in p.tasks]
     if is_main():
         source = p.folder or "the configured model"
         width = max(8, *(len(n) for n in names)) + 1
         print(f"eval of {source}:\n" + "".join(f"{n:>{width}}" for n in names) + "\n"
               + "".join(f"{a:>{width}.3f}" for a in row), flush=True)
-        result = {"tasks": names, "row": row, "checkpoint": p.folder,
+        result = {"tasks": names, "metrics": [t.metric for t in p.tasks], "row": row, "checkpoint": p.folder,
                   "position": {"task": p.pos.task, "step": p.pos.step} if p.pos else None,
                   "method": p.cfg.method.name, "mode": ev.mode, "world_size": world_size(),
                   "config": p.cfg.to_dict()}

@@ -24,6 +24,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, prompt: bool) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes shifted by three specials: 0 pad, 1 bos, 2 eos. Needs no files, handles any text."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agcl_ds.data import synthetic
+from agcl_ds.data.hf import load_hf_task, load_trace
 from agcl_ds.data.types import DataError, Example, Task
 
 
@@ -127,7 +128,7 @@ def load_cl_benchmark(root: str, name: str, max_train: int | None = None,
                 options=[f" {x}" for x in labels], meta={"type": task_type})
 
 
-# --------------------------------------------------------------------------- TRACE and JSONL
+# --------------------------------------------------------------------------- JSONL
 
 
 def _task_folder(root: str, name: str, layout: str) -> str:
@@ -138,16 +139,9 @@ def _task_folder(root: str, name: str, layout: str) -> str:
 
 
 def _prompt_answer_split(folder: str, fname: str, read: Callable[[str], Any], limit: int | None) -> list[Example]:
-    """One split file of {"prompt", "answer"} records (TRACE and JSONL share this record format)."""
+    """One split file of {"prompt", "answer"} records."""
     path = os.path.join(folder, fname)
     return _cap([Example(p, a) for p, a in _pairs(read(path), path, "prompt", "answer")], limit)
-
-
-def load_trace(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
-    """TRACE layout: `<root>/<TASK>/{train,eval,test}.json` of {"prompt","answer"}; eval is unused."""
-    folder = _task_folder(root, name, "TRACE")
-    return Task(name=name, train=_prompt_answer_split(folder, "train.json", _read_json, max_train),
-                test=_prompt_answer_split(folder, "test.json", _read_json, max_test))
 
 
 def load_jsonl(root: str, name: str, max_train: int | None = None, max_test: int | None = None) -> Task:
@@ -169,14 +163,30 @@ def load_jsonl(root: str, name: str, max_train: int | None = None, max_test: int
     return task
 
 
-def load_tasks(cfg) -> list[Task]:
-    """The configured task sequence, in order (cfg: agcl_ds.config.ExperimentConfig)."""
+def load_task_list(cfg, names: list[str]) -> list[Task]:
+    """Tasks by name from the configured source, each scored by `evaluation.metrics` where it names one,
+    else by its layout's metric (cfg: agcl_ds.config.ExperimentConfig)."""
     d = cfg.data
     if d.source == "synthetic":
-        tasks = synthetic.make_tasks(d.tasks, d.synthetic)
-        return [Task(t.name, _cap(t.train, d.max_train), _cap(t.test, d.max_test), t.options, t.meta)
-                for t in tasks]
-    if d.source == "cl_benchmark":
-        return [load_cl_benchmark(d.path, name, d.max_train, d.max_test, d.max_input_chars) for name in d.tasks]
-    loader = {"trace": load_trace, "jsonl": load_jsonl}[d.source]
-    return [loader(d.path, name, d.max_train, d.max_test) for name in d.tasks]
+        tasks = [Task(t.name, _cap(t.train, d.max_train), _cap(t.test, d.max_test), t.options, t.meta)
+                 for t in synthetic.make_tasks(names, d.synthetic)]
+    elif d.source == "cl_benchmark":
+        tasks = [load_cl_benchmark(d.path, name, d.max_train, d.max_test, d.max_input_chars) for name in names]
+    elif d.source == "hf":
+        tasks = [load_hf_task(name, d.hf[name], d.max_train, d.max_test) for name in names]
+    else:
+        loader = {"trace": load_trace, "jsonl": load_jsonl}[d.source]
+        tasks = [loader(d.path, name, d.max_train, d.max_test) for name in names]
+    for task in tasks:
+        task.metric = cfg.evaluation.metrics.get(task.name, task.metric)
+    return tasks
+
+
+def load_tasks(cfg) -> list[Task]:
+    """The configured task sequence, in order."""
+    return load_task_list(cfg, cfg.data.tasks)
+
+
+def load_general(cfg) -> list[Task]:
+    """`evaluation.general`: tasks never trained on, from the same source, scored for retention."""
+    return load_task_list(cfg, cfg.evaluation.general)

@@ -23,3 +23,4 @@ class Task:
     test: list[Example]
     options: list[str] | None = None  # closed label set (likelihood scoring), or None (open answers)
     meta: dict[str, Any] = field(default_factory=dict)
+    metric: str = "accuracy"  # how a generated answer is scored (agcl_ds.evaluation.metrics.METRICS)

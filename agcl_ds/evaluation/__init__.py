@@ -1,14 +1,15 @@
-"""Sharded evaluation: one row of the accuracy matrix.
+"""Sharded evaluation: one row of the score matrix, each task scored by its own metric.
 
-Each rank scores its slice of every test set and the correct counts are summed over ranks. Under
+Each rank scores its slice of every test set and the score sums are added over ranks. Under
 ZeRO-3 every forward pass is a collective (layers are gathered on the fly), so all ranks run the
 same number of batches; a rank that has run out of rows scores a dummy batch and drops it.
 
-Scoring:
-- `generate`: exact match of the greedy-generated answer. Computed in one teacher-forced pass:
-  greedy decoding reproduces the gold answer (and its EOS) exactly when the argmax at every gold
-  position equals the gold token, since until the first mismatch the greedy prefix *is* the gold
-  prefix. Same result as running `generate`, without the per-token loop.
+Scoring (`evaluation.mode`, `evaluation.decode`):
+- `generate`: the greedy answer, scored by the task's metric (`metrics.py`). Where the metric is
+  `accuracy` and `decode: auto` (the default), it is computed in one teacher-forced pass: greedy
+  decoding reproduces the gold answer (and its EOS) exactly when the argmax at every gold position
+  equals the gold token, since until the first mismatch the greedy prefix *is* the gold prefix.
+  Every other metric, and every task under `decode: always`, decodes for real (`generate.py`).
 - `likelihood`: the option (from the task's closed label set) whose tokens plus EOS have the
   highest total log-probability given the prompt; falls back to `generate` for open-answer tasks.
 """
@@ -20,20 +21,33 @@ import math
 import torch
 import torch.distributed as dist
 
+from agcl_ds.config import ExperimentConfig
 from agcl_ds.data.collate import IGNORE, Tokenizer, encode, pad
 from agcl_ds.data.types import Task
 from agcl_ds.distributed import all_sum, device, rank, world_size
+from agcl_ds.evaluation.generate import Generator
+from agcl_ds.evaluation.metrics import METRICS
 
 Row = tuple[list[int], list[int]]
 
 
 class Evaluator:
-    def __init__(self, engine, tokenizer: Tokenizer, max_len: int, batch_size: int, mode: str) -> None:
+    def __init__(self, engine, tokenizer: Tokenizer, max_len: int, batch_size: int, mode: str,
+                 max_new_tokens: int = 64, decode: str = "auto") -> None:
         self.engine = engine
         self.tok = tokenizer
         self.max_len = max_len
         self.batch_size = batch_size
         self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self.decode = decode
+        self.generator = Generator(engine.module, tokenizer, batch_size)
+
+    @classmethod
+    def for_run(cls, engine, tokenizer: Tokenizer, cfg: ExperimentConfig) -> Evaluator:
+        """The evaluator a run's config describes (`data.max_seq_len` and the `evaluation` section)."""
+        e = cfg.evaluation
+        return cls(engine, tokenizer, cfg.data.max_seq_len, e.batch_size, e.mode, e.max_new_tokens, e.decode)
 
     def _score(self, rows: list[Row]) -> list[tuple[bool, float]]:
         """(all gold tokens are the argmax, summed gold log-prob) per row, in a fixed number of
@@ -71,9 +85,11 @@ class Evaluator:
         return out
 
     def evaluate(self, task: Task) -> float:
-        """Accuracy on the task's test set, identical on every rank."""
+        """The task's score (its metric's mean over the test set) in [0, 1], identical on every rank."""
         mine = task.test[rank()::world_size()]
-        if self.mode == "likelihood" and task.options:
+        if task.metric != "accuracy" or self.decode == "always":
+            correct = self._generated(task, mine)
+        elif self.mode == "likelihood" and task.options:
             options = task.options
             rows = [encode(self.tok, ex.prompt, opt, self.max_len) for ex in mine for opt in options]
             scores = [s for _, s in self._score(rows)]
@@ -86,6 +102,14 @@ class Evaluator:
             correct = sum(hit for hit, _ in self._score(rows))
         total_correct, total = all_sum([float(correct), float(len(mine))])
         return total_correct / total if total else 0.0
+
+    def _generated(self, task: Task, mine: list) -> float:
+        """The sum of the metric over this rank's examples, from real greedy decoding."""
+        metric = METRICS[task.metric]
+        budget = self.max_len - self.max_new_tokens  # > 0: the config checks it
+        prompts = [self.tok.encode(ex.prompt, prompt=True)[-budget:] for ex in mine]
+        answers = self.generator.answers(prompts, self.max_new_tokens)
+        return sum(metric(a, ex.answer, ex.prompt) for a, ex in zip(answers, mine, strict=True))
 
     def evaluate_all(self, tasks: list[Task]) -> list[float]:
         return [self.evaluate(t) for t in tasks]
