@@ -145,6 +145,43 @@ def test_update_gate_vs_grad_gate_adamw():
             assert not grd["protected_unchanged"], r
 
 
+def _impl_body(tmp: str, configs: list[tuple[int, str, int, bool]]) -> list[dict]:
+    """Per config: the update gate's fused and snapshot paths on the same init, R̄ and data (AdamW, wd 0.1)."""
+    out = []
+    for stage, dtype, gas, offload in configs:
+        res, kw = {"config": (stage, dtype, gas, offload)}, dict(optimizer="AdamW", lr=1e-2, wd=0.1, gas=gas,
+                                                               offload=offload)
+        for impl in ("snapshot", "fused"):
+            eng = build_engine(stage, dtype, **kw)
+            p0 = _cat(full_fp32(eng))
+            rbar = _rbar_full(eng)
+            gate = Gate(eng, gate_on="update", update_impl=impl, chunk=1000)  # several chunks per tensor
+            gate.set_importance(_local(rbar, eng))
+            _run(eng, range(3), gas)
+            r = _cat(rbar)
+            res[impl] = {"impl": gate.update_impl, "params": _cat(full_fp32(eng)), "p0": p0, "r": r}
+        out.append(res)
+    return out
+
+
+@pytest.mark.slow
+def test_fused_update_gate_is_bit_identical_to_snapshot():
+    """The fused AdamW path (auto under torch AdamW) equals the snapshot path bit for bit, s in {0, 0.5, 1}."""
+    configs = [(3, "fp32", 1, False), (3, "bf16", 2, False), (2, "fp32", 2, False), (1, "bf16", 1, False),
+               (0, "fp32", 1, False), (0, "bf16", 1, False), (3, "fp32", 1, True)]
+    for res in run_ranks(_impl_body, configs):
+        for r in res:
+            snap, fused = r["snapshot"], r["fused"]
+            assert (snap["impl"], fused["impl"]) == ("snapshot", "fused"), r["config"]
+            r_, p0 = fused["r"], fused["p0"]
+            for level in (0.0, 0.5, 1.0):
+                sel = r_ == level
+                assert sel.any()
+                assert torch.equal(fused["params"][sel], snap["params"][sel]), (r["config"], level)
+            assert torch.equal(fused["params"][r_ == 1], p0[r_ == 1]), r["config"]  # protected: untouched
+            assert not torch.equal(fused["params"][r_ == 0], p0[r_ == 0]), r["config"]  # free: trained
+
+
 def _ckpt_body(tmp: str, stage: int, dtype: str) -> dict:
     kw = dict(optimizer="AdamW", lr=1e-2, wd=0.1, gas=2)
     ckpt = f"{tmp}/ckpt"
@@ -183,7 +220,7 @@ def _errors_body(tmp: str) -> list[str]:
     eng = build_engine(2)
     msgs = []
     gate = Gate(eng, gate_on="grad")
-    for bad in (lambda: Gate(eng), lambda: Gate(eng, gate_on="x")):
+    for bad in (lambda: Gate(eng), lambda: Gate(eng, gate_on="x"), lambda: Gate(eng, update_impl="x")):
         try:
             bad()
         except ValueError as e:
@@ -199,6 +236,12 @@ def _errors_body(tmp: str) -> list[str]:
             msgs.append(str(e))
     gate.detach()
     msgs.append("detached" if "_take_model_step" not in eng.__dict__ and Gate(eng).mode == "grad" else "")
+    eng._agcl_gate.detach()
+    try:  # SGD has no fused gated step
+        Gate(eng, gate_on="update", update_impl="fused")
+    except ValueError as e:
+        msgs.append(str(e))
+    msgs.append(Gate(eng, gate_on="update").update_impl)
     return msgs
 
 
@@ -207,6 +250,9 @@ def test_gate_rejects_bad_input():
     msgs = run_ranks(_errors_body)[0]
     assert "already has a Gate" in msgs[0]
     assert "gate_on must be one of" in msgs[1]
-    assert "values in [0, 1]" in msgs[2]
-    assert "missing" in msgs[3]
-    assert msgs[4] == "detached"
+    assert "update_impl must be one of" in msgs[2]
+    assert "values in [0, 1]" in msgs[3]
+    assert "missing" in msgs[4]
+    assert msgs[5] == "detached"
+    assert "gates torch Adam/AdamW only" in msgs[6] and "SGD is not torch.optim.Adam/AdamW" in msgs[6]
+    assert msgs[7] == "snapshot"  # auto falls back for other optimizers

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 class AgclOptions:
     gate_on: Literal["auto", "grad", "update"] = "auto"  # auto: update under Adam-type optimizers
     alpha: float = 1.0  # s = 1 - alpha * R̄
+    update_impl: Literal["auto", "fused", "snapshot"] = "auto"  # the update gate: fused into torch AdamW's step
     importance_from: Literal["continual", "single_task"] = "continual"
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
     keep_task_maps: bool = False  # also keep each task's map in the store (+2 bytes/param per task), for `agcl overlap`
@@ -63,8 +64,9 @@ class Agcl(Method):
                 "importance_from": self.options.importance_from}
         self.store = ImportanceStore.for_engine(ctx.engine, keep_tasks=self.options.keep_task_maps, meta=meta)
         self.device = flat_layout(ctx.engine).device
-        self.gate = attach_gate(ctx.engine, None, gate_on=self.options.gate_on, alpha=self.options.alpha)
-        ctx.log.event("gate", mode=self.gate.mode, alpha=self.options.alpha)
+        self.gate = attach_gate(ctx.engine, None, gate_on=self.options.gate_on, alpha=self.options.alpha,
+                                update_impl=self.options.update_impl)
+        ctx.log.event("gate", mode=self.gate.mode, update_impl=self.gate.update_impl, alpha=self.options.alpha)
 
     def before_task(self, ctx: RunContext, index: int, task: Task) -> None:
         has_importance = index > 0 and bool(self.store.tasks)
