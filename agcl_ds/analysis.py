@@ -34,6 +34,7 @@ import torch
 from agcl_ds.importance.partition import full_specs
 from agcl_ds.importance.store import SUBDIR, ImportanceStore, read_meta
 from agcl_ds.models import BLOCK_NAME
+from agcl_ds.report import save_figure
 
 Maps = dict[str, dict[str, torch.Tensor]]  # task -> parameter name -> full importance tensor
 METRICS = ("jaccard", "overlap")
@@ -205,12 +206,7 @@ def plot(rows: list[OverlapRow], path: str | os.PathLike, metric: str = "jaccard
                         color="white" if v < 0.6 else "black")
     ax.set_title(title or f"{metric} of top sets")
     fig.colorbar(im, ax=ax, fraction=0.046, label=metric)
-    fig.tight_layout()
-    path = str(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, str(path))
 
 
 # ---------------------------------------------------------------------------- loading

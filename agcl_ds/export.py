@@ -50,13 +50,13 @@ def export_checkpoint(folder: str, out: str, dtype: str = "fp32") -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from agcl_ds.data.collate import HFTokenizer
-    from agcl_ds.models import build_tokenizer, check_source, config_from
+    from agcl_ds.models import build_tokenizer, check_source, config_from, local_source
 
     folder, pos = checkpoint.resolve(folder)
     cfg = checkpoint.config_of(folder, pos)
-    m = cfg.model
-    check_source(m)
+    check_source(cfg.model)
     checkpoint.require_valid(folder)
+    m = local_source(cfg.model)
     tok = build_tokenizer(m)
     if m.from_config is not None:
         hf_config = config_from(m.from_config, tok)

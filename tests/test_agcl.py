@@ -47,7 +47,7 @@ def _body(tmp, importance_from, gate_on):
     from agcl_ds.loop import run
 
     METHODS["frozen_check"] = "test_agcl:FrozenCheck"
-    cfg = load_config("configs/demo.yaml", TINY + [
+    cfg = load_config("configs/demo_synthetic.yaml", TINY + [
         f"output.dir={tmp}", "method.name=frozen_check", "model.pretrain=null", "training.weight_decay=0.1",
         "data.tasks=[dec, swap, add2]",
         f"method.options={{importance_from: {importance_from}, gate_on: {gate_on}, attribution: "

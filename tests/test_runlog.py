@@ -18,7 +18,7 @@ swap             -    0.050"""
 
 
 def test_task_summary_table(tmp_path, capsys):
-    log = RunLog(str(tmp_path), load_config("configs/demo.yaml", ["logging.progress=false"]))
+    log = RunLog(str(tmp_path), load_config("configs/demo_synthetic.yaml", ["logging.progress=false"]))
     text = log.task_summary("rot2inc", MATRIX, TASKS, 12.34, 0.43214)
     log.close()
     assert text == TABLE
@@ -34,7 +34,8 @@ def test_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = load_config("configs/demo.yaml", ["logging.progress=false", "logging.wandb=true", "logging.tensorboard=true"])
+    cfg = load_config("configs/demo_synthetic.yaml",
+                      ["logging.progress=false", "logging.wandb=true", "logging.tensorboard=true"])
     assert cfg.logging.wandb_mode == "offline"  # the default
     log = RunLog(str(tmp_path), cfg)
     log.event("train", task="dec", step=4, loss=1.5)
@@ -60,7 +61,7 @@ def test_jsonl_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
 
 
 def test_progress_bar_shows_task_step_loss_and_eta(tmp_path, capsys):
-    log = RunLog(str(tmp_path), load_config("configs/demo.yaml", ["logging.jsonl=false"]))
+    log = RunLog(str(tmp_path), load_config("configs/demo_synthetic.yaml", ["logging.jsonl=false"]))
     log.progress(3, "[seq] task 1/2 dec")
     for loss in (0.9, 0.8, 0.7):
         log.advance(loss=f"{loss:.4f}", lr="1.00e-03")
@@ -74,7 +75,7 @@ def test_progress_bar_shows_task_step_loss_and_eta(tmp_path, capsys):
 
 def test_only_rank_0_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("agcl_ds.runlog.is_main", lambda: False)
-    log = RunLog(str(tmp_path / "r1"), load_config("configs/demo.yaml", ["logging.tensorboard=true"]))
+    log = RunLog(str(tmp_path / "r1"), load_config("configs/demo_synthetic.yaml", ["logging.tensorboard=true"]))
     log.event("train", loss=1.0)
     log.progress(2, "x")
     log.advance(loss="1")

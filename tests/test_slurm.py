@@ -58,7 +58,7 @@ class Cluster:
     def submit(self, tmp: Path, overrides: list[str], *, wait: bool) -> tuple[subprocess.Popen, Path]:
         """sbatch slurm/train.sbatch on 2 nodes; returns the sbatch process and the job's log file."""
         log = tmp / "job.out"
-        env = dict(self.env, CONFIG="configs/demo.yaml", DS_CONFIG="ds_configs/zero3.json",
+        env = dict(self.env, CONFIG="configs/demo_synthetic.yaml", DS_CONFIG="ds_configs/zero3.json",
                    OVERRIDES=" ".join(shlex.quote(o) for o in overrides), MASTER_PORT=str(_free_port()))
         if sys.prefix != sys.base_prefix:
             env["VENV"] = sys.prefix  # the environment running these tests

@@ -12,7 +12,7 @@ from agcl_ds.config import load_config, load_ds_config, resolve_ds_config
 FIXTURES = os.path.join("tests", "fixtures", "trace")
 TINY = [
     f"data.path={FIXTURES}", "data.tasks=[C-STANCE, NumGLUE-cm, MeetingBank, Py150, 20Minuten]",
-    "evaluation.general=[ScienceQA]", "model.path=null", "data.max_seq_len=192", "data.max_test=3",
+    "evaluation.general=[ScienceQA]", "model.gguf_package=null", "data.max_seq_len=192", "data.max_test=3",
     "model.from_config={arch: llama, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 4, "
     "num_kv_heads: 2, max_position_embeddings: 192}",
     "training.steps_per_task=3", "training.micro_batch_size=2", "training.gradient_accumulation=1",

@@ -12,10 +12,12 @@ HELP = "print matrices and OP/BWT/FWT of one or more results.json"
 def add_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("results", nargs="+")
     cmd.add_argument("--png", help="also write a bar chart of OP/BWT/FWT per run to this file")
+    cmd.add_argument("--curves", help="also write each old task's score over the sequence, one line per run, "
+                                      "to this file (runs over the same tasks)")
 
 
 def run(args: argparse.Namespace) -> None:
-    from agcl_ds.report import load_results, metric_bars, side_by_side, summary_table
+    from agcl_ds.report import load_results, metric_bars, score_curves, side_by_side, summary_table
 
     try:
         results = load_results(args.results)
@@ -29,6 +31,11 @@ def run(args: argparse.Namespace) -> None:
     print(side_by_side(results))
     print()
     print(summary_table(results))
+    if args.curves and any(r["tasks"] != results[0]["tasks"] for r in results):
+        fail(f"--curves: the runs' task sequences differ ({args.results[0]} has {results[0]['tasks']})")
     if args.png:
         metric_bars(results, args.png)
         print(f"wrote {args.png}")
+    if args.curves:
+        score_curves(results, args.curves)
+        print(f"wrote {args.curves}")

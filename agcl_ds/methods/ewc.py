@@ -14,7 +14,7 @@ for the raw Fisher does not carry over from one model or paper to another. By de
 of average importance: an element drifted by Δ from θ* gets the gradient λ·Ω·Δ and stops moving
 where that matches its data gradient. Important elements (Ω ≫ 1) are then held and unimportant ones
 (Ω ≪ 1) stay nearly free.
-Measured on the demo (configs/demo.yaml, tasks dec → add3, AdamW lr 3e-4, 150 steps per task, ZeRO-3
+Measured on the demo (configs/demo_synthetic.yaml, tasks dec → add3, AdamW lr 3e-4, 150 steps per task, ZeRO-3
 on 2 ranks, one seed): λ = 0.1 / 1 / 10 / 100 kept dec at 0.645 / 1.000 / 0.995 / 1.000 exact match
 while add3 reached 0.980 / 0.975 / 0.910 / 0.630 (seq: dec 0.475, add3 0.985). Hence the default
 λ = 1; raise it tenfold if forgetting remains, lower it if new tasks stop being learned.
