@@ -56,12 +56,28 @@ def init_distributed(timeout_s: int = 1800) -> None:
     joined = True
 
 
+def local_accelerator() -> str:
+    """`cpu` or `cuda`: what spawned local ranks (tests, benchmarks) run on; DS_ACCELERATOR decides, cpu if unset."""
+    return "cuda" if os.environ.get("DS_ACCELERATOR", "cpu") == "cuda" else "cpu"
+
+
+def local_world(wanted: int) -> int:
+    """Ranks a local group can have: `wanted` CPU ranks, or one per GPU (NCCL refuses two ranks on one GPU)."""
+    if local_accelerator() == "cpu":
+        return wanted
+    return max(1, min(wanted, torch.cuda.device_count()))
+
+
 def join_local_group(rank: int, world: int, port: int) -> None:
-    """Make this process rank `rank` of a `world`-rank CPU group on this machine, as a launcher
-    would (tests and benchmarks spawn their own ranks): env:// variables, one thread, then init."""
+    """Make this process rank `rank` of a `world`-rank group on this machine, as a launcher would
+    (tests and benchmarks spawn their own ranks): env:// variables, one thread per CPU rank, then init.
+    The accelerator is `local_accelerator()`: gloo on CPU, NCCL with one GPU per rank on CUDA."""
+    accel = local_accelerator()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR=accel)
+    if accel == "cpu":
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     init_distributed()
 
 

@@ -1,4 +1,6 @@
-"""The benchmark models: a Llama of a named size as a ZeRO-3 engine (stage 3, every tensor partitioned)."""
+"""The benchmark models: a Llama of a named size as a ZeRO-3 engine (stage 3, every tensor partitioned),
+and what the benchmarks share about where their ranks run (2 CPU ranks, or one per GPU under
+DS_ACCELERATOR=cuda)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,30 @@ MODELS = {  # name: (hidden, layers, heads, kv heads, intermediate, vocab, seq)
     "tiny": (64, 2, 4, 2, 128, 1000, 32),
     "50M": (512, 8, 8, 4, 1024, 32000, 128),  # 64% embedding + head, like a small LM with a 32k vocabulary
     "50M-4k": (512, 20, 8, 4, 1024, 4096, 128),  # 8% embedding + head: the Transformer blocks' share of a 7-70B
+    "0.5B": (896, 24, 14, 2, 4864, 151936, 256),  # Qwen2.5-0.5B's shape as a Llama (494M): the GPU check's model
 }
+
+
+def ranks() -> int:
+    """Ranks to spawn: 2 on CPU (gloo), one per GPU on CUDA (NCCL cannot put two ranks on one GPU)."""
+    from agcl_ds.distributed import local_world
+
+    return local_world(2)
+
+
+def where(world: int) -> str:
+    """The ranks, in words, for a report's first line."""
+    from agcl_ds.distributed import local_accelerator
+
+    if local_accelerator() == "cuda":
+        return f"{world} x {torch.cuda.get_device_name(0)} (NCCL)"
+    return f"{world} CPU ranks (gloo, 1 thread each)"
+
+
+def sync() -> None:
+    """Wait for queued GPU work before reading a clock (nothing to wait for on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def zero3_llama(model: str, micro_batch: int, dtype: str):

@@ -1,9 +1,9 @@
 """Attribution cost: the `attribute(...)` pass vs a plain forward + backward on the same samples.
 
-ZeRO-3 on 2 CPU ranks (gloo, spawned here), a tiny Llama and two of ~50M parameters (random weights, AdamW
-engine as in ds_configs/zero3.json). One *pass* covers `--samples` examples (over both ranks) in
-micro-batches of `--micro-batch` per rank, exactly the batches `attribute` builds (`pick_samples`, rank
-slices, `collate`):
+ZeRO-3 on 2 CPU ranks (gloo, spawned here; on CUDA one rank per GPU), a tiny Llama and two of ~50M parameters
+(random weights, AdamW engine as in ds_configs/zero3.json; --models 0.5B for the GPU check). One *pass* covers
+`--samples` examples (over all ranks) in micro-batches of `--micro-batch` per rank, exactly the batches
+`attribute` builds (`pick_samples`, rank slices, `collate`):
 
 - plain:  `engine(**batch).loss` + `engine.backward(loss)` per micro-batch, no optimizer step (the grads
           are zeroed outside the timed region), i.e. what a training step costs minus `engine.step()`;
@@ -38,7 +38,7 @@ from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
-from _zero3 import MODELS, zero3_llama
+from _zero3 import MODELS, ranks, sync, where, zero3_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER_TOKENS = 8
@@ -122,11 +122,17 @@ def instrument(clock: Clock) -> None:
 
 
 def reset_peak() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
 def peak_rss_mib() -> float:
+    """The kernel's high-water mark of this process; on CUDA the GPU's peak allocated memory instead."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -142,16 +148,19 @@ def plain_batches(tok: IdTokenizer, examples: list, opts, seq: int) -> list[dict
 
     mine = pick_samples(examples, opts.n_samples, seed=0)[D.rank()::D.world_size()]
     mb = opts.micro_batch_size
-    return [collate(tok, mine[i:i + mb], seq) for i in range(0, len(mine), mb)]
+    return [{k: v.to(D.device()) for k, v in collate(tok, mine[i:i + mb], seq).items()}
+            for i in range(0, len(mine), mb)]
 
 
 def timed_pass(fn, clock: Clock) -> tuple[float, float, dict[str, float]]:
-    """(seconds, peak RSS MiB, stage seconds) of one pass, started together on every rank."""
+    """(seconds, peak MiB, stage seconds) of one pass, started together on every rank."""
+    sync()
     torch.distributed.barrier()
     clock.take()
     reset_peak()
     t0 = time.perf_counter()
     fn()
+    sync()
     dt = time.perf_counter() - t0
     return dt, peak_rss_mib(), clock.take()
 
@@ -239,12 +248,12 @@ def breakdown(st: dict[str, float]) -> dict[str, float]:
     }
 
 
-def print_report(rows: list[dict], args: argparse.Namespace, wall: float) -> None:
-    print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), {args.dtype}, {args.samples} samples per pass "
+def print_report(rows: list[dict], args: argparse.Namespace, wall: float, world: int) -> None:
+    print(f"ZeRO-3, {where(world)}, {args.dtype}, {args.samples} samples per pass "
           f"({args.micro_batch} per rank per micro-batch), attribution only_correct=False, K=8, top-20% masks; "
           f"median of {args.reps}; wall {wall:.0f} s")
     print(f"{'model':>6} {'params':>11} {'seq':>4} {'pass':>6} {'s/pass':>8} {'x plain':>8} "
-          f"{'peak RSS MiB/rank':>17}")
+          f"{'peak MiB/rank':>17}")
     for r in rows:
         for name, t in r["time"].items():
             print(f"{r['model']:>6} {r['params']:>11,} {r['seq']:>4} {name:>6} {t:>8.2f} "
@@ -282,16 +291,17 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.samples, args.micro_batch, args.seq, args.reps = 8, 4, 32, 1
-    if args.samples % (2 * args.micro_batch):
-        p.error(f"--samples must be a multiple of 2 x --micro-batch ({2 * args.micro_batch})")
+    world = ranks()
+    if args.samples % (world * args.micro_batch):
+        p.error(f"--samples must be a multiple of {world} ranks x --micro-batch ({world * args.micro_batch})")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     from agcl_ds.distributed import free_port
 
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
-    per_rank = dict(queue.get() for _ in range(2))
-    print_report(summarise([per_rank[0], per_rank[1]]), args, time.perf_counter() - t0)
+    mp.spawn(_worker, args=(world, free_port(), args, queue), nprocs=world, join=True)
+    per_rank = dict(queue.get() for _ in range(world))
+    print_report(summarise([per_rank[r] for r in range(world)]), args, time.perf_counter() - t0, world)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Gate overhead: the time the gate adds to a training step, against an ungated step, in the same run.
 
-ZeRO-3 on 2 CPU ranks (gloo, spawned here), a tiny and a ~50M-parameter Llama, AdamW with a random R̄ in
-[0, 1], 8 sequences per rank per step by default (1024 tokens for the 50M model, as many per rank as the
-70B recipe; the gate's share falls as tokens per step grow: --micro-batch 2 shows a smaller workload).
+ZeRO-3 on 2 CPU ranks (gloo, spawned here; on CUDA one rank per GPU), a tiny and a ~50M-parameter Llama (0.5B
+on a GPU), AdamW with a random R̄ in [0, 1], 8 sequences per rank per step by default (1024 tokens for the 50M
+model, as many per rank as the 70B recipe; the gate's share falls as tokens per step grow: --micro-batch 2
+shows a smaller workload).
 Variants: `none` (no gate), `grad` (gradient gate), `snapshot` and `fused` (the update gate's two
 implementations; `fused` is what `auto` picks under torch AdamW). They run interleaved, in rounds of a few
 steps each (the first step of each block untimed), so that drift of a shared machine hits them alike.
@@ -24,7 +25,7 @@ import time
 
 import torch
 import torch.multiprocessing as mp
-from _zero3 import MODELS, zero3_llama
+from _zero3 import MODELS, ranks, sync, where, zero3_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP = {"auto": None, "on": True, "off": False}
@@ -41,9 +42,11 @@ class _OptTimer:
         self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
 
     def _pre(self, *_) -> None:
+        sync()
         self._t0 = time.perf_counter()
 
     def _post(self, *_) -> None:
+        sync()
         self.seconds += time.perf_counter() - self._t0
 
 
@@ -64,11 +67,14 @@ def _measure(engine, gate, timer: _OptTimer, batch: int, seq: int, vocab: int, s
     out = []
     for k in range(1 + steps):
         x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed + 100 * k + rank))
+        x = x.to(engine.device)
+        sync()
         torch.distributed.barrier()
         g0 = gate.elapsed_s if gate is not None and gate.mode == "grad" else 0.0
         o0, t0 = timer.seconds, time.perf_counter()
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
+        sync()
         if k:
             g = gate.elapsed_s - g0 if gate is not None and gate.mode == "grad" else 0.0
             out.append((time.perf_counter() - t0, timer.seconds - o0, g))
@@ -137,10 +143,10 @@ def main() -> None:
     queue = ctx.SimpleQueue()
     from agcl_ds.distributed import free_port
 
-    t0 = time.perf_counter()
-    mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
+    t0, world = time.perf_counter(), ranks()
+    mp.spawn(_worker, args=(world, free_port(), args, queue), nprocs=world, join=True)
     rows = queue.get()
-    print(f"ZeRO-3, 2 CPU ranks (gloo, 1 thread each), AdamW, {args.dtype}, micro-batch {args.micro_batch}, "
+    print(f"ZeRO-3, {where(world)}, AdamW, {args.dtype}, micro-batch {args.micro_batch}, "
           f"chunk {args.chunk}, keep_snapshot={args.keep_snapshot}; medians over {args.rounds} interleaved rounds "
           f"x {args.steps} steps; wall {time.perf_counter() - t0:.0f} s")
     print(f"{'model':>6} {'params':>11} {'variant':>9} {'steps':>5} {'step ms':>9} {'opt ms':>8} {'gate ms':>8} "

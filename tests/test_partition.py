@@ -63,7 +63,7 @@ def batch(k: int) -> torch.Tensor:
 
 
 def micro_step(engine, k: int) -> float:
-    x = batch(k)
+    x = batch(k).to(engine.device)
     loss = engine(input_ids=x, labels=x).loss
     engine.backward(loss)
     engine.step()

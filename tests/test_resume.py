@@ -13,6 +13,8 @@ import pytest
 import torch
 from test_loop import TINY
 
+from agcl_ds.distributed import local_accelerator, local_world
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null",
@@ -20,9 +22,10 @@ ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yam
 
 
 def start(out_dir, *extra):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py", *ARGS,
-           f"output.dir={out_dir}", *extra]
+    """2 CPU ranks, or one rank per GPU under DS_ACCELERATOR=cuda (benchmarks/gpu_check.sh)."""
+    env = dict(os.environ, DS_ACCELERATOR=local_accelerator(), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(local_world(2)), "launch/train.py",
+           *ARGS, f"output.dir={out_dir}", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,7 +76,7 @@ def same_as_reference(out, reference):
 def test_sigkill_one_rank_mid_task_then_resume(tmp_path, reference):
     proc = start(tmp_path)
     wait_for(tmp_path / "seq" / "checkpoints" / "t001-s0000003", proc)  # second task, mid-way
-    ranks(proc)[1].send_signal(signal.SIGKILL)
+    ranks(proc)[-1].send_signal(signal.SIGKILL)  # the last rank (the only one on a 1-GPU machine)
     code, _, _ = finish(proc)
     assert code != 0
     code, out, err = finish(start(tmp_path))
