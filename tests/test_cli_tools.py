@@ -226,6 +226,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
         (["export", "--checkpoint", two, "--out", str(out)],
          "unusable checkpoint (manifest.json missing or unreadable)"),
         (["export", "--checkpoint", two, "--out", str(out), "--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["export", "--checkpoint", two, "--out", str(out), "--adapter"], "apply to LoRA runs (model.peft)"),
         (["eval", "--ds", "ds_configs/zero2.json", "--checkpoint", one, *launched],
          "saved under ZeRO stage 3, --ds has stage 2"),
         (["eval", "--ds", "ds_configs/zero3.json", "--checkpoint", wide, *launched],

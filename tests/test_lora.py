@@ -131,3 +131,50 @@ def test_methods_run_on_adapters_under_zero3(tmp_path, base, method):
         imp = [e for e in out["events"] if e["event"] == "importance"]
         assert len(imp) == 1 and 0 < imp[0]["mean"] < 1  # the adapters' importance of task 1, top-k binarised
         assert [e["mode"] for e in out["events"] if e["event"] == "gate"] == ["update"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base) -> str:
+    """A finished 2-task LoRA seq run (ZeRO-3, 2 ranks): its run folder."""
+    tmp = str(tmp_path_factory.mktemp("lora_run"))
+    run_ranks(_loop_body, "seq", base, tmp=tmp)
+    return os.path.join(tmp, "seq")
+
+
+def test_export_adapter_loads_with_plain_peft_and_matches_the_merged_model(lora_run, base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from agcl_ds.cli import main
+
+    main(["export", "--checkpoint", lora_run, "--out", str(tmp_path / "adapter"), "--adapter",
+          "--base-out", str(tmp_path / "base")])
+    assert {"adapter_config.json", "adapter_model.safetensors", "agcl_export.json"} <= set(
+        os.listdir(tmp_path / "adapter"))
+    main(["export", "--checkpoint", lora_run, "--out", str(tmp_path / "merged")])
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    base_logits = plain(input_ids=ids).logits
+    original = AutoModelForCausalLM.from_pretrained(base)  # the base folder the run started from
+    torch.testing.assert_close(original(input_ids=ids).logits, base_logits, rtol=0, atol=0)
+    adapted = PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (a - base_logits).abs().max() > 1e-3  # the adapter changed the model
+    assert "lora" not in " ".join(n for n, _ in merged.named_parameters())
+
+
+def test_export_flags_are_refused_where_they_do_not_apply(lora_run, base, tmp_path, capsys):
+    from agcl_ds.cli import main
+    from agcl_ds.export import export_checkpoint
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--checkpoint", lora_run, "--out", str(tmp_path / "a"), "--base-out", str(tmp_path / "b")])
+    assert exit_.value.code != 0 and "--base-out: only with --adapter" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a")
+    export_checkpoint(lora_run, str(tmp_path / "a"), adapter=True)  # the base is the run's model.path
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(base)
+

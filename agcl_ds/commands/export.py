@@ -16,12 +16,21 @@ def add_arguments(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     cmd.add_argument("--out", required=True, help="the Hugging Face folder to write")
     cmd.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
-    cmd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cmd.add_argument("--overwrite", action="store_true", help="replace --out (and --base-out) if it exists")
+    cmd.add_argument("--adapter", action="store_true",
+                     help="LoRA runs: a PEFT adapter folder (PeftModel.from_pretrained), not the merged model")
+    cmd.add_argument("--base-out", help="with --adapter: also write the frozen base model here")
 
 
 def run(args: argparse.Namespace) -> None:
-    if os.path.exists(args.out) and not args.overwrite:
-        raise CheckpointError(f"--out {args.out}: exists; pass --overwrite to replace it")
-    check_writable(args.out, "--out")
-    export_checkpoint(args.checkpoint, args.out, args.dtype)
-    print(f"exported {os.path.normpath(args.checkpoint)} to {args.out}")
+    if args.base_out and not args.adapter:
+        raise CheckpointError("--base-out: only with --adapter (the merged export already holds the base)")
+    for flag, path in (("--out", args.out), ("--base-out", args.base_out)):
+        if path is None:
+            continue
+        if os.path.exists(path) and not args.overwrite:
+            raise CheckpointError(f"{flag} {path}: exists; pass --overwrite to replace it")
+        check_writable(path, flag)
+    export_checkpoint(args.checkpoint, args.out, args.dtype, adapter=args.adapter, base_out=args.base_out)
+    extra = f" (base in {args.base_out})" if args.base_out else ""
+    print(f"exported {os.path.normpath(args.checkpoint)} to {args.out}{extra}")
