@@ -61,31 +61,51 @@ def reference(tmp_path_factory):
         return json.load(f), final_weights(out / "seq")
 
 
-def same_as_reference(out, reference):
-    with open(out / "seq" / "results.json") as f:
+def same_as_reference(out, reference, method="seq"):
+    with open(out / method / "results.json") as f:
         res = json.load(f)
     ref_res, ref_w = reference
     assert res["matrix"] == ref_res["matrix"] and res["base"] == ref_res["base"]
-    w = final_weights(out / "seq")
+    w = final_weights(out / method)
     assert w.keys() == ref_w.keys()
     for k in w:
         assert torch.equal(w[k], ref_w[k]), k
 
 
-@pytest.mark.slow
-def test_sigkill_one_rank_mid_task_then_resume(tmp_path, reference):
-    proc = start(tmp_path)
-    wait_for(tmp_path / "seq" / "checkpoints" / "t001-s0000003", proc)  # second task, mid-way
+def kill_mid_task_then_resume(tmp_path, method: str = "seq", *extra: str) -> None:
+    proc = start(tmp_path, *extra)
+    wait_for(tmp_path / method / "checkpoints" / "t001-s0000003", proc)  # second task, mid-way
     ranks(proc)[-1].send_signal(signal.SIGKILL)  # the last rank (the only one on a 1-GPU machine)
     code, _, _ = finish(proc)
     assert code != 0
-    code, out, err = finish(start(tmp_path))
+    code, out, err = finish(start(tmp_path, *extra))
     assert code == 0, err[-3000:]
     assert "resumed from" in out and "t001-s00000" in out
+
+
+@pytest.mark.slow
+def test_sigkill_one_rank_mid_task_then_resume(tmp_path, reference):
+    kill_mid_task_then_resume(tmp_path)
     same_as_reference(tmp_path, reference)
     # a finished sequence is not re-run
     code, out, _ = finish(start(tmp_path))
     assert code == 0 and "already finished" in out
+
+
+# LoRA adapters gated by agcl: adapter, importance store, optimizer and data order all come back from the checkpoint
+LORA_AGCL = ["model.peft.r=4", "method.name=agcl", "method.options.attribution.only_correct=false"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_task_then_resume_lora_agcl(tmp_path, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("lora_ref")
+    code, _, err = finish(start(ref, *LORA_AGCL))
+    assert code == 0, err[-3000:]
+    with open(ref / "agcl" / "results.json") as f:
+        reference = json.load(f), final_weights(ref / "agcl")
+    assert any(".lora_B." in k for k in reference[1])
+    kill_mid_task_then_resume(tmp_path, "agcl", *LORA_AGCL)
+    same_as_reference(tmp_path, reference, "agcl")
 
 
 @pytest.mark.slow
