@@ -56,14 +56,29 @@ def lora_config(spec: Any, model: torch.nn.Module):
                       task_type="CAUSAL_LM", fan_in_fan_out=kind == "gpt2", bias="none")
 
 
-def add_lora(model: torch.nn.Module, spec: Any, seed: int) -> torch.nn.Module:
-    """The model wrapped by peft with fresh LoRA adapters (A: peft's Kaiming init, B = 0)."""
+def adapter_names(spec: Any, n_tasks: int) -> list[str]:
+    """The adapters `spec` asks for: peft's "default" when shared, "task0".."task{T-1}" per task."""
+    return [f"task{i}" for i in range(n_tasks)] if spec.adapter == "per_task" else ["default"]
+
+
+def add_lora(model: torch.nn.Module, spec: Any, seed: int, n_tasks: int = 1) -> torch.nn.Module:
+    """The model wrapped by peft with fresh LoRA adapters (A: peft's Kaiming init, B = 0).
+
+    Per-task adapters are all active (their outputs summed) and all trainable: which one a task may
+    move is the method's to decide (olora gates the others' updates to exactly zero), because the
+    optimizer's parameter set cannot change after the engine is built."""
     from peft import get_peft_model
 
     config = lora_config(spec, model)
+    names = adapter_names(spec, n_tasks)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config)
+    if len(names) > 1:
+        model.base_model.set_adapter(names)  # every adapter in the forward, every one trainable
+    return model
 
 
 def is_adapted(model: torch.nn.Module) -> bool:

@@ -60,7 +60,9 @@ class PeftSpec:
     alpha: float = 16.0  # the update is (alpha / r) · B A
     dropout: float = 0.0
     target_modules: list[str] | None = None  # leaf module names; None: attention and MLP projections
-    adapter: Literal["shared"] = "shared"  # one adapter trained across all tasks (TRACE's LoRA-SeqFT)
+    # shared: one adapter trained across all tasks (TRACE's LoRA-SeqFT); per_task: one adapter per task of
+    # data.tasks, all summed in the forward, task i's trained on task i only (O-LoRA's layout, method olora)
+    adapter: Literal["shared", "per_task"] = "shared"
 
 
 @dataclass
@@ -354,7 +356,7 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
     if m.train_top_layers is not None and m.train_top_layers < 1:
         raise ConfigError(f"{path}: model.train_top_layers: expected an integer >= 1 or null")
     if m.peft is not None:
-        _check_peft(m, path)
+        _check_peft(cfg, path)
     if cfg.data.max_input_chars is not None and cfg.data.max_input_chars < 1:
         raise ConfigError(f"{path}: data.max_input_chars: expected an integer >= 1 or null")
     if m.from_config is not None and m.tokenizer == "auto":
@@ -376,7 +378,8 @@ def _check(cfg: ExperimentConfig, path: str) -> None:
     _check_evaluation(cfg, path)
 
 
-def _check_peft(m: ModelConfig, path: str) -> None:
+def _check_peft(cfg: ExperimentConfig, path: str) -> None:
+    m = cfg.model
     p = m.peft
     if m.train_top_layers is not None:
         raise ConfigError(f"{path}: model.peft and model.train_top_layers: choose one (LoRA freezes the whole base)")
@@ -388,6 +391,10 @@ def _check_peft(m: ModelConfig, path: str) -> None:
         raise ConfigError(f"{path}: model.peft.dropout: expected a number in [0, 1), got {p.dropout}")
     if p.target_modules is not None and not p.target_modules:
         raise ConfigError(f"{path}: model.peft.target_modules: expected module names or null (the default)")
+    if (p.adapter == "per_task") != (cfg.method.name == "olora"):
+        raise ConfigError(f"{path}: model.peft.adapter: method olora trains per-task adapters (adapter: per_task) "
+                          f"and every other method one shared adapter (adapter: shared); got {p.adapter!r} with "
+                          f"method {cfg.method.name!r}")
 
 
 def _check_evaluation(cfg: ExperimentConfig, path: str) -> None:

@@ -255,7 +255,7 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
         train_top_layers(model, m.train_top_layers)
     if m.peft is not None:
         try:
-            model = add_lora(model, m.peft, cfg.seed)
+            model = add_lora(model, m.peft, cfg.seed, n_tasks=len(cfg.data.tasks))
         except AdapterError as e:
             raise ModelError(str(e)) from None
     if tok.vocab_size > model.config.vocab_size:

@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "mas": "agcl_ds.methods.mas:Mas",
     "freeze": "agcl_ds.methods.freeze:Freeze",
     "agcl_replay": "agcl_ds.methods.agcl_replay:AgclReplay",
+    "olora": "agcl_ds.methods.olora:Olora",
 }
 
 
