@@ -39,6 +39,10 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# what a method needs of the model in a LoRA config: olora trains one adapter per task
+METHOD_OVERRIDES: dict[str, list[str]] = {"olora": ["model.peft.adapter=per_task"]}
+
+
 def variant_overrides(name: str, variant: str) -> list[str]:
     """The `method.options=` override of an ablation (JSON is YAML flow, so the config parser reads it)."""
     if not variant:
@@ -64,7 +68,8 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
         bindir = os.path.dirname(sys.executable)
         cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
                "launch/train.py", "--ds", ds, "--config", config, f"seed={seed}", f"method.name={name}",
-               f"output.dir={run_out}", "logging.progress=false", *variant_overrides(name, variant), *extra]
+               f"output.dir={run_out}", "logging.progress=false", *variant_overrides(name, variant),
+               *METHOD_OVERRIDES.get(name, []), *extra]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL if quiet else None)
         if drop_checkpoints:
             shutil.rmtree(os.path.join(run_out, name, "checkpoints"), ignore_errors=True)

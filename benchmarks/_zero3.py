@@ -36,8 +36,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def zero3_llama(model: str, micro_batch: int, dtype: str):
-    """A seeded Llama of size `model`, partitioned from construction, with DeepSpeed's torch AdamW."""
+def zero3_llama(model: str, micro_batch: int, dtype: str, lora: int = 0):
+    """A seeded Llama of size `model`, partitioned from construction, with DeepSpeed's torch AdamW; with
+    `lora` = r, frozen and adapted by LoRA of rank r (alpha 2r) on every attention and MLP projection."""
     import deepspeed
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -55,6 +56,12 @@ def zero3_llama(model: str, micro_batch: int, dtype: str):
                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(256, seq),
                        tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     module = AutoModelForCausalLM.from_config(mcfg)
-    engine, *_ = deepspeed.initialize(model=module, config=cfg, model_parameters=module.parameters())
+    if lora:
+        from agcl_ds.adapters import add_lora
+        from agcl_ds.config import PeftSpec
+
+        module = add_lora(module, PeftSpec(r=lora, alpha=2.0 * lora), seed=0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, config=cfg, model_parameters=params)
     engine._hf_ds_config = keep
     return engine

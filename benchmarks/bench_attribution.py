@@ -22,6 +22,7 @@ the last model: 50M-4k, whose embeddings and head are 8% of its parameters as in
 
     python benchmarks/bench_attribution.py --quick      # < 2 minutes
     python benchmarks/bench_attribution.py              # tiny, 50M and 50M-4k at the default attribution settings
+    python benchmarks/bench_attribution.py --lora 8     # the same for LoRA adapters (r = 8) on a frozen base
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def measure(model: str, args: argparse.Namespace, clock: Clock) -> dict:
     vocab = MODELS[model][5]
     seq = args.seq or MODELS[model][6]
     reset_peak()
-    engine = zero3_llama(model, args.micro_batch, args.dtype)
+    engine = zero3_llama(model, args.micro_batch, args.dtype, lora=args.lora)
     built_mib = peak_rss_mib()
     specs = local_shards(engine)
     tok = IdTokenizer(vocab)
@@ -249,7 +250,8 @@ def breakdown(st: dict[str, float]) -> dict[str, float]:
 
 
 def print_report(rows: list[dict], args: argparse.Namespace, wall: float, world: int) -> None:
-    print(f"ZeRO-3, {where(world)}, {args.dtype}, {args.samples} samples per pass "
+    lora = f", LoRA r={args.lora} on a frozen base" if args.lora else ""
+    print(f"ZeRO-3, {where(world)}, {args.dtype}{lora}, {args.samples} samples per pass "
           f"({args.micro_batch} per rank per micro-batch), attribution only_correct=False, K=8, top-20% masks; "
           f"median of {args.reps}; wall {wall:.0f} s")
     print(f"{'model':>6} {'params':>11} {'seq':>4} {'pass':>6} {'s/pass':>8} {'x plain':>8} "
@@ -288,6 +290,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each pass (median)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="freeze the model and attribute LoRA adapters of rank R on every projection (plain: LoRA "
+                        "forward+backward)")
     args = p.parse_args()
     if args.quick:
         args.samples, args.micro_batch, args.seq, args.reps = 8, 4, 32, 1

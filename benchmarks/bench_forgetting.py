@@ -12,11 +12,14 @@ Settings:
         AMX, fp32 elsewhere), inputs cut to 120 characters, 30 steps of 8 per task, 50 test examples
         per task, ZeRO-2 on 2 CPU ranks. About an hour for 7 methods × 3 seeds on a 2-core machine
         with avx512_bf16.
+  cpu-lora  configs/cl_smollm2_lora.yaml: the whole model frozen, LoRA r = 8 (alpha 16) on the attention and
+        MLP projections of all 30 blocks, otherwise the cpu setting (lr 1e-3); seq, ewc, replay, agcl,
+        agcl_replay and olora (per-task adapters). About 6 minutes per run with avx512_bf16.
   gpu   full fine-tuning (all 30 blocks and embeddings), ZeRO-3, 1000/500 examples per task, 200 steps
         of 16 per task; for a GPU machine (`--nproc` GPUs).
   --quick  the cpu setting reduced to 2 tasks, 1 seed, seq/ewc/replay/agcl, 20 steps: under 10 minutes.
 
-    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|gpu] [--seeds 0 1 2] [--methods ...]
+    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|cpu-lora|gpu] [--seeds 0 1 2] [--methods ...]
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from agcl_ds.report import save_figure
 
 METHODS = ["seq", "ewc", "mas", "freeze", "replay", "agcl", "agcl_replay"]
 ABLATIONS = ["agcl:gradxw", "agcl:random", "agcl:grad", "agcl:minmax", "agcl:single"]
+LORA_METHODS = ["seq", "ewc", "replay", "agcl", "agcl_replay", "olora"]
 SETTINGS: dict[str, dict] = {
     "cpu": {"ds": "ds_configs/zero2.json", "overrides": []},  # configs/cl_smollm2.yaml as written
+    "cpu-lora": {"ds": "ds_configs/zero2.json", "overrides": [], "config": "configs/cl_smollm2_lora.yaml",
+                 "methods": LORA_METHODS},
     "gpu": {"ds": "ds_configs/zero3.json",
             "overrides": ["model.train_top_layers=null", "training.steps_per_task=200",
                           "training.micro_batch_size=16", "training.lr=2.0e-5", "data.max_train=1000",
@@ -95,14 +101,15 @@ def main() -> None:
     if not os.path.isdir(args.data):
         raise SystemExit(f"bench_forgetting: --data {args.data!r}: CL_Benchmark folder not found")
     tag = args.setting + ("-quick" if args.quick else "")
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    methods = args.methods or (["seq", "ewc", "replay", "agcl"] if args.quick else METHODS)
-    out = args.out or os.path.join(ROOT, "runs", "bench_forgetting", tag)
     setting = SETTINGS[args.setting]
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    methods = args.methods or (["seq", "ewc", "replay", "agcl"] if args.quick else setting.get("methods", METHODS))
+    out = args.out or os.path.join(ROOT, "runs", "bench_forgetting", tag)
     extra = [f"data.path={os.path.abspath(args.data)}", *setting["overrides"],
              *(QUICK if args.quick else []), *args.overrides]
     print(f"setting {tag}: {' '.join(extra)}", flush=True)
-    rows = run_grid("configs/cl_smollm2.yaml", setting["ds"], seeds, methods, extra, out, args.nproc)
+    config = setting.get("config", "configs/cl_smollm2.yaml")
+    rows = run_grid(config, setting["ds"], seeds, methods, extra, out, args.nproc)
     tasks = rows[methods[0]][0]["tasks"]
     table_md = table(rows, ["OP", "BWT", "FWT", "diag"])
     print("\n" + table_md)
@@ -111,7 +118,7 @@ def main() -> None:
         png = os.path.join(os.path.dirname(os.path.abspath(args.results)), f"forgetting_{tag}.png")
         plot(rows, png)
         write_section(args.results, f"bench_forgetting:{tag}",
-                      f"`configs/cl_smollm2.yaml`, `{setting['ds']}`, tasks in order {' → '.join(tasks)}; "
+                      f"`{config}`, `{setting['ds']}`, tasks in order {' → '.join(tasks)}; "
                       f"overrides: {' '.join(f'`{o}`' for o in extra[1:]) or 'none'}. "
                       f"Plot: `{os.path.relpath(png, os.path.dirname(os.path.abspath(args.results)))}`.\n\n{table_md}")
     if "agcl" in rows and baselines:
