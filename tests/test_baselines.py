@@ -33,6 +33,8 @@ from agcl_ds.methods._anchor import STATE, SUBDIR, AnchorOptions, per_sample
 from agcl_ds.methods.agcl_replay import AgclReplay
 from agcl_ds.methods.ewc import Ewc
 from agcl_ds.methods.freeze import Freeze, frozen_names
+from agcl_ds.methods.hft import Hft, frozen_half
+from agcl_ds.methods.magmask import Magmask
 from agcl_ds.methods.mas import Mas, MasOptions
 
 MAX_LEN = 16
@@ -71,6 +73,21 @@ def test_freeze_policy():
         frozen_names(gpt2, 0.3, embeddings=False)  # 0.3 of 2 blocks freezes none
     with pytest.raises(ConfigError, match="no Transformer blocks"):
         frozen_names(["encoder.weight"], 0.5, embeddings=False)
+
+
+def test_hft_freezes_half_of_each_group_per_task():
+    names = [f"model.layers.{i}.{p}.weight" for i in range(3) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+    names += ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    one, two = frozen_half(names, 0, 0), frozen_half(names, 0, 1)
+    assert one == frozen_half(list(reversed(names)), 0, 0)  # a function of the names, not their order
+    assert one != two and one != frozen_half(names, 1, 0)  # a new half per task and per seed
+    for i in range(3):
+        block = [n for n in one if f".layers.{i}." in n]
+        assert sum(".self_attn." in n for n in block) == 2 and sum(".mlp." in n for n in block) == 1
+        assert sum("layernorm" in n for n in block) == 1
+    assert sum(".layers." not in n for n in one) == 1  # embeddings, norm and head: one of three
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -308,6 +325,27 @@ class CheckAgclReplay(AgclReplay):
         return examples
 
 
+class CheckHft(Hft):
+    """Records, per task, which tensors HFT froze and which of this rank's shards moved."""
+
+    report: dict = {}
+
+    def before_task(self, ctx, index, task):
+        super().before_task(ctx, index, task)
+        self._before = local_masters(ctx.engine)
+        CheckHft.report[index] = {"frozen": frozen_half(list(self.gate.layout.specs), ctx.cfg.seed, index)}
+
+    def after_task(self, ctx, index, task):
+        after = local_masters(ctx.engine)
+        CheckHft.report[index]["moved"] = {n: not torch.equal(after[n], self._before[n])
+                                           for n in after if after[n].numel()}
+        super().after_task(ctx, index, task)
+
+
+class CheckMagmask(FrozenCheck, Magmask):
+    """magmask with test_agcl's FrozenCheck report (R̄ = 1 elements that moved during task 2)."""
+
+
 class CountEwc(Ewc):
     """Records how many times the penalty was applied with an anchor in place."""
 
@@ -322,13 +360,14 @@ def _loop_body(tmp: str, method: str, ds: str, options: str, extra: list[str]) -
     from agcl_ds.loop import run
 
     METHODS.update(check_freeze="test_baselines:CheckFreeze", check_agcl_replay="test_baselines:CheckAgclReplay",
-                   count_ewc="test_baselines:CountEwc")
+                   count_ewc="test_baselines:CountEwc", check_hft="test_baselines:CheckHft",
+                   check_magmask="test_baselines:CheckMagmask")
     cfg = load_config("configs/demo_synthetic.yaml", TINY + extra + [
         f"output.dir={tmp}", f"method.name={method}", "model.pretrain=null", "training.weight_decay=0.1",
         f"method.options={options}"])
     results = run(cfg, resolve_ds_config(load_ds_config(f"ds_configs/{ds}.json"), cfg, 2))
     return {"matrix": results["matrix"], "freeze": CheckFreeze.report, "agcl": FrozenCheck.report,
-            "replay": CheckAgclReplay.report, "ewc_applied": CountEwc.applied}
+            "replay": CheckAgclReplay.report, "ewc_applied": CountEwc.applied, "hft": CheckHft.report}
 
 
 @pytest.mark.slow
@@ -367,3 +406,27 @@ def test_agcl_replay_trains_on_the_mixture_and_gates(tmp_path):
     ckpt = tmp_path / "check_agcl_replay" / "checkpoints" / "t001-s0000000"
     assert json.loads((ckpt / "importance" / "meta.json").read_text())["tasks"] == ["dec"]
     assert len(json.loads((ckpt / "replay.json").read_text())) == 8
+
+
+@pytest.mark.slow
+def test_hft_trains_the_other_half_each_task(tmp_path):
+    rep = run_ranks(_loop_body, "check_hft", "zero3", "{}", [], tmp=str(tmp_path))
+    for r in rep:
+        for task in (0, 1):
+            frozen, moved = r["hft"][task]["frozen"], r["hft"][task]["moved"]
+            assert not any(moved[n] for n in frozen if n in moved), (task, moved)  # AdamW + weight decay 0.1
+            assert any(moved[n] for n in moved if n not in frozen)
+        assert r["hft"][0]["frozen"] != r["hft"][1]["frozen"]
+
+
+@pytest.mark.slow
+def test_magmask_gates_its_top_k_mask(tmp_path):
+    options = "{attribution: {n_samples: 8, micro_batch_size: 4, k: 2, top_frac: 0.2}}"
+    rep = run_ranks(_loop_body, "check_magmask", "zero3", options, [], tmp=str(tmp_path))
+    for r in rep:
+        a = r["agcl"]
+        assert a["tasks_in_store"] == ["dec"] and a["frozen"] > 0 and a["frozen_moved"] == 0, a
+        assert a["free_moved"] > a["frozen"], a
+    meta = json.loads((tmp_path / "check_magmask" / "checkpoints" / "t001-s0000000" / "importance" /
+                       "meta.json").read_text())
+    assert meta["meta"]["attribution"]["source"] == "grad_x_weight" and meta["meta"]["attribution"]["target"] == "loss"

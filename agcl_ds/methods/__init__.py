@@ -16,6 +16,8 @@ METHODS: dict[str, str] = {
     "freeze": "agcl_ds.methods.freeze:Freeze",
     "agcl_replay": "agcl_ds.methods.agcl_replay:AgclReplay",
     "olora": "agcl_ds.methods.olora:Olora",
+    "hft": "agcl_ds.methods.hft:Hft",
+    "magmask": "agcl_ds.methods.magmask:Magmask",
 }
 
 

@@ -66,7 +66,7 @@ class Freeze(Method):
         self.gate = attach_gate(ctx.engine, None, gate_on="update")
         specs = self.gate.layout.specs
         names, blocks = frozen_names(list(specs), self.options.fraction, self.options.embeddings)
-        self.mask = _binary_rbar(specs, set(names), self.gate.layout.numel, self.gate.layout.device)
+        self.mask = binary_rbar(specs, set(names), self.gate.layout.numel, self.gate.layout.device)
         ctx.log.event("freeze", blocks=blocks, parameters=len(names))
         ctx.log.print(f"freeze: after the first task, blocks {blocks} and {len(names)} parameter tensors in all "
                       "stay fixed")
@@ -75,7 +75,7 @@ class Freeze(Method):
         self.gate.set_importance(self.mask if index > 0 else None)
 
 
-def _binary_rbar(specs: dict[str, ShardSpec], frozen: set[str], numel: int,
+def binary_rbar(specs: dict[str, ShardSpec], frozen: set[str], numel: int,
                  device: torch.device) -> dict[str, torch.Tensor]:
     """R̄ = 1 on the frozen parameters' shards, as views into one bf16 flat buffer (the gate shares it)."""
     flat = torch.zeros(numel, dtype=torch.bfloat16, device=device)
