@@ -13,6 +13,7 @@ The adapter is initialised from a seed, not from the global RNG, so every rank b
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def lora_config(spec: Any, model: torch.nn.Module):
 
 def adapter_names(spec: Any, n_tasks: int) -> list[str]:
     """The adapters `spec` asks for: peft's "default" when shared, "task0".."task{T-1}" per task."""
-    return [f"task{i}" for i in range(n_tasks)] if spec.adapter == "per_task" else ["default"]
+    return [f"task{i}" for i in range(n_tasks)] if spec.adapter == "per_task" else ["default"]  # shared, merged
 
 
 def add_lora(model: torch.nn.Module, spec: Any, seed: int, n_tasks: int = 1) -> torch.nn.Module:
@@ -84,3 +85,54 @@ def add_lora(model: torch.nn.Module, spec: Any, seed: int, n_tasks: int = 1) -> 
 def is_adapted(model: torch.nn.Module) -> bool:
     """Whether `model` (or a DeepSpeed engine's module) carries peft adapters."""
     return hasattr(model, "peft_config")
+
+
+# --------------------------------------------------------------------------- per_task_merge
+
+
+def lora_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, peft LoRA layer) of every Linear adapted by the "default" adapter, in module order."""
+    return [(n, m) for n, m in module.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+
+def _full_fp32(p: torch.nn.Parameter) -> torch.Tensor:
+    """Collective under ZeRO-3: the trained parameter's whole fp32 master (DeepSpeed's fragment API)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(p)
+    return (p.detach() if full is None else full).float().cpu().clone()
+
+
+def _assign(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Collective under ZeRO-3: set a trained parameter everywhere it lives, the module's copy (re-partitioned
+    from rank 0 under ZeRO-3) and the optimizer's fp32 master (DeepSpeed's fragment API; ZeRO-0 fp32 has none)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+        with torch.no_grad():
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+    safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+
+
+def merge_and_restart(module: torch.nn.Module, seed: int, task: int) -> None:
+    """`model.peft.adapter: per_task_merge`, after task `task` (collective): W += scaling · B A on every adapted
+    base weight (fp32 arithmetic, stored in W's dtype), then a fresh adapter for the next task (seeded Kaiming A
+    as peft initialises it, B = 0). The merged base weights are frozen parameters, which DeepSpeed's
+    checkpoints carry (ZeRO-2/3: their partitions; ZeRO-0/1: the module state), so a resumed run needs
+    nothing more. The optimizer's moments belong to the old adapter: the caller resets them."""
+    import deepspeed
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + task + 1)
+    for _, layer in lora_layers(module):
+        a_param, b_param = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a, b = _full_fp32(a_param), _full_fp32(b_param)
+        delta = layer.scaling["default"] * (b @ a)
+        w = layer.get_base_layer().weight
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=0, enabled=hasattr(w, "ds_id")):
+            with torch.no_grad():
+                w.copy_((w.float() + (delta.t() if layer.fan_in_fan_out else delta).to(w.device)).to(w.dtype))
+        fresh = torch.empty(a.shape)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+        _assign(a_param, fresh)
+        _assign(b_param, torch.zeros(b.shape))

@@ -60,9 +60,10 @@ class PeftSpec:
     alpha: float = 16.0  # the update is (alpha / r) · B A
     dropout: float = 0.0
     target_modules: list[str] | None = None  # leaf module names; None: attention and MLP projections
-    # shared: one adapter trained across all tasks (TRACE's LoRA-SeqFT); per_task: one adapter per task of
+    # shared: one adapter trained across all tasks (TRACE's LoRA-SeqFT); per_task_merge: after each task the
+    # adapter is merged into the base weights and a fresh one starts; per_task: one adapter per task of
     # data.tasks, all summed in the forward, task i's trained on task i only (O-LoRA's layout, method olora)
-    adapter: Literal["shared", "per_task"] = "shared"
+    adapter: Literal["shared", "per_task_merge", "per_task"] = "shared"
 
 
 @dataclass
@@ -393,8 +394,8 @@ def _check_peft(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: model.peft.target_modules: expected module names or null (the default)")
     if (p.adapter == "per_task") != (cfg.method.name == "olora"):
         raise ConfigError(f"{path}: model.peft.adapter: method olora trains per-task adapters (adapter: per_task) "
-                          f"and every other method one shared adapter (adapter: shared); got {p.adapter!r} with "
-                          f"method {cfg.method.name!r}")
+                          f"and every other method one adapter (adapter: shared or per_task_merge); got "
+                          f"{p.adapter!r} with method {cfg.method.name!r}")
 
 
 def _check_evaluation(cfg: ExperimentConfig, path: str) -> None:

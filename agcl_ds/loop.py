@@ -21,6 +21,7 @@ import torch
 
 from agcl_ds import checkpoint
 from agcl_ds import distributed as D
+from agcl_ds.adapters import merge_and_restart
 from agcl_ds.config import ExperimentConfig
 from agcl_ds.data.tasks import load_general, load_tasks
 from agcl_ds.device import native_precision
@@ -186,6 +187,7 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     evaluator = Evaluator.for_run(engine, tok, cfg)
     ctx = RunContext(cfg, engine, tok, tasks, run_dir, log, evaluator, ds_config, base_dir)
     method.setup(ctx)
+    merging = cfg.model.peft is not None and cfg.model.peft.adapter == "per_task_merge"
     started = time.time()
     if found is not None:
         folder, pos = found
@@ -238,6 +240,9 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
             log.task_summary(task.name, matrix, [t.name for t in tasks], task_seconds,
                              sum(losses) / len(losses) if losses else None)
             method.after_task(ctx, i, task)
+            if merging and i < len(tasks) - 1:
+                merge_and_restart(engine.module, cfg.seed, i)
+                reset_optimizer_state(engine)  # the moments belonged to the merged adapter
             checkpoint.save(ckpt_root, engine, method, position(i + 1, 0), cfg.checkpoint.keep)
     finally:
         log.close_progress()

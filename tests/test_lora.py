@@ -225,3 +225,65 @@ def test_olora_needs_per_task_adapters(tmp_path):
     plain = load_config("configs/demo_synthetic.yaml", TINY + ["model.pretrain=null", "method.name=olora"])
     with pytest.raises(ConfigError, match="method olora: trains LoRA adapters; set model.peft"):
         build_method(MethodConfig("olora")).check(plain)
+
+
+def _merge_body(tmp: str, ds_name: str, base: str) -> dict:
+    from agcl_ds.adapters import lora_layers, merge_and_restart
+    from agcl_ds.data.collate import collate
+    from agcl_ds.data.tasks import load_tasks
+    from agcl_ds.engine import build_engine, train_task
+    from agcl_ds.models import load_model
+    from agcl_ds.runlog import RunLog
+
+    cfg = _cfg(tmp, ["model.peft.adapter=per_task_merge", "training.steps_per_task=4"], base)
+    ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, 2)
+    loaded = load_model(cfg, ds)
+    engine = build_engine(loaded, ds)
+    task = load_tasks(cfg)[0]
+    train_task(engine, loaded.tokenizer, task.train, 0, steps=4, lr=cfg.training.lr, cfg=cfg,
+               log=RunLog(tmp, cfg), desc="lora")
+    batch = collate(loaded.tokenizer, task.test[:4], 16)
+    engine.eval()
+    with torch.no_grad():
+        before_logits = engine(input_ids=batch["input_ids"]).logits.float()
+    before = _full_state(engine)
+    merge_and_restart(engine.module, cfg.seed, 0)
+    with torch.no_grad():
+        after_logits = engine(input_ids=batch["input_ids"]).logits.float()
+    after = _full_state(engine)
+    name = lora_layers(engine.module)[0][0]
+    return {"before": before, "after": after, "logits": (before_logits, after_logits), "layer": name}
+
+
+@pytest.mark.parametrize("ds_name", ["zero3", "zero0"])
+def test_per_task_merge_moves_the_adapter_into_the_base_and_restarts_it(base, ds_name):
+    out = run_ranks(_merge_body, ds_name, base)[0]
+    before, after, layer = out["before"], out["after"], out["layer"]
+    a, b, w = (f"{layer}.lora_A.default.weight", f"{layer}.lora_B.default.weight", f"{layer}.base_layer.weight")
+    assert before[b].abs().max() > 0 and not after[b].any()  # a fresh adapter: B = 0 ...
+    assert not torch.equal(after[a], before[a])  # ... and a new A
+    torch.testing.assert_close(after[w], before[w] + 2.0 * before[b] @ before[a])  # alpha / r = 8 / 4
+    torch.testing.assert_close(*out["logits"], rtol=1e-4, atol=1e-4)  # the model computes the same function
+
+
+def _merged_agcl_body(tmp: str, base: str) -> dict:
+    from agcl_ds.distributed import is_main
+    from agcl_ds.importance.store import consolidate
+    from agcl_ds.loop import run
+
+    cfg = _cfg(tmp, ["method.name=agcl", "model.peft.adapter=per_task_merge", "training.steps_per_task=6",
+                     "method.options.attribution.only_correct=false", "checkpoint.keep=2"], base)
+    run(cfg, resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2))
+    folder = os.path.join(cfg.run_dir(), "checkpoints", "t001-s0000000")
+    return consolidate(folder, os.path.join(tmp, "rbar.safetensors")) if is_main() else None
+
+
+@pytest.mark.slow
+def test_agcl_with_merged_adapters_holds_output_rows(base):
+    rbar = run_ranks(_merged_agcl_body, base)[0]
+    b_maps = {n: t for n, t in rbar.items() if ".lora_B." in n}
+    assert b_maps and all(not t.any() for n, t in rbar.items() if ".lora_A." in n)
+    for name, t in b_maps.items():
+        rows = t.float()
+        assert torch.equal(rows, rows[:, :1].expand_as(rows)), name  # whole rows of B, nothing else
+        assert int(rows[:, 0].sum()) == max(1, round(0.2 * rows.shape[0])), name  # top 20% of the rows

@@ -97,14 +97,16 @@ LORA_AGCL = ["model.peft.r=4", "method.name=agcl", "method.options.attribution.o
 
 
 @pytest.mark.slow
-def test_sigkill_mid_task_then_resume_lora_agcl(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("adapter", ["shared", "per_task_merge"])  # merged: the base weights changed after task 1
+def test_sigkill_mid_task_then_resume_lora_agcl(tmp_path, tmp_path_factory, adapter):
+    extra = [*LORA_AGCL, f"model.peft.adapter={adapter}"]
     ref = tmp_path_factory.mktemp("lora_ref")
-    code, _, err = finish(start(ref, *LORA_AGCL))
+    code, _, err = finish(start(ref, *extra))
     assert code == 0, err[-3000:]
     with open(ref / "agcl" / "results.json") as f:
         reference = json.load(f), final_weights(ref / "agcl")
-    assert any(".lora_B." in k for k in reference[1])
-    kill_mid_task_then_resume(tmp_path, "agcl", *LORA_AGCL)
+    assert any(".lora_B." in k for k in reference[1]) and any(".base_layer." in k for k in reference[1])
+    kill_mid_task_then_resume(tmp_path, "agcl", *extra)
     same_as_reference(tmp_path, reference, "agcl")
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from agcl_ds.attribution import AttributionOptions, attribute
 from agcl_ds.config import ConfigError
 from agcl_ds.gate import Gate, attach_gate
-from agcl_ds.importance.partition import flat_layout, local_shards
+from agcl_ds.importance.partition import flat_layout, gather_full, local_shards
 from agcl_ds.importance.store import ImportanceStore
 from agcl_ds.lrp.rules import SUPPORTED, check_supported
 from agcl_ds.methods.base import Method, RunContext
@@ -37,6 +39,11 @@ class AgclOptions:
     importance_from: Literal["continual", "single_task"] = "continual"
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
     keep_task_maps: bool = False  # also keep each task's map in the store (+2 bytes/param per task), for `agcl overlap`
+    # model.peft.adapter per_task_merge: the adapter is merged and restarted after each task, so a map of its
+    # elements would guard nothing. rows: hold the rows of B (the output units of the merged weights) in the top
+    # attribution.top_frac by the task's mean importance; B starts at 0, so those rows of W stay as merged.
+    # elements: keep the element map anyway (the control)
+    merged_gate: Literal["rows", "elements"] = "rows"
 
 
 class Agcl(Method):
@@ -80,6 +87,9 @@ class Agcl(Method):
             importance, n = self._attribute(ctx, ctx.engine, task)
         else:
             importance, n = self._single_task_importance(ctx, index, task)
+        peft = ctx.cfg.model.peft
+        if peft is not None and peft.adapter == "per_task_merge" and self.options.merged_gate == "rows":
+            importance = self._output_rows(importance)
         self.store.add_task(task.name, importance)
         share = sum(float(v.float().sum()) for v in importance.values())
         total = sum(v.numel() for v in importance.values())
@@ -88,6 +98,22 @@ class Agcl(Method):
                       f"{share / max(1, total):.3f}")
         if n == 0:
             ctx.log.print(f"warning: no sample of {task.name} was answered correctly; its importance is zero")
+
+    def _output_rows(self, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows design for merged adapters (collective): 1 on the top `top_frac` rows of each lora_B by
+        mean importance, 0 elsewhere and on every lora_A (a fresh A may move freely: with B's row held at 0,
+        the merged weight's row cannot change)."""
+        specs = self.store.specs
+        full = gather_full({n: t.float() for n, t in importance.items()}, specs)
+        out = {}
+        for name, spec in specs.items():
+            mask = torch.zeros(spec.full_shape, device=full[name].device)
+            if ".lora_B." in name:
+                score = full[name].view(spec.full_shape).mean(1)
+                k = max(1, round(self.options.attribution.top_frac * score.numel()))
+                mask[score.topk(k).indices] = 1.0
+            out[name] = mask.view(-1).narrow(0, spec.start, spec.numel).to(importance[name])
+        return out
 
     def _attribute(self, ctx: RunContext, engine, task: Task):
         return attribute(engine, ctx.tokenizer, task.train, self.options.attribution, ctx.cfg.data.max_seq_len,
