@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict] = {
     "gold": {"attribution": {"target": "gold"}},
     "loss": {"attribution": {"target": "loss"}},
     "gradxw": {"attribution": {"source": "grad_x_weight"}},
+    "elements": {"merged_gate": "elements"},
 }
 
 
