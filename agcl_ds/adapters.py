@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-# the attention and MLP projections of each architecture (leaf module names, as peft matches them)
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+# the Linear leaves of each architecture's blocks, as peft matches them (the output head is not among them):
+# the default `model.peft.target_modules`, and what a configured list is checked against before any rank starts
+PROJECTIONS: dict[str, list[str]] = {
+    **{k: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for k in ("llama", "qwen2", "qwen3", "mistral")},
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
@@ -39,12 +38,23 @@ def _linear_leaves(model: torch.nn.Module) -> set[str]:
             if m is not head and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
 
 
+def check_targets(spec: Any, kind: str | None) -> None:
+    """Refuse unknown target modules for a known architecture (`kind`: its model_type, None if unknown yet)."""
+    known = PROJECTIONS.get(kind or "")
+    if known is None or spec.target_modules is None:
+        return
+    unknown = [t for t in spec.target_modules if t not in known]
+    if unknown:
+        raise AdapterError(f"model.peft.target_modules: {unknown[0]!r} is not a Linear module of this {kind} "
+                           f"model (known: {', '.join(sorted(known))})")
+
+
 def lora_config(spec: Any, model: torch.nn.Module):
     """The `peft.LoraConfig` for `spec` (agcl_ds.config.PeftSpec) on `model`; checks the targets."""
     from peft import LoraConfig
 
     kind = getattr(model.config, "model_type", None)
-    targets = spec.target_modules or DEFAULT_TARGETS.get(kind)
+    targets = spec.target_modules or PROJECTIONS.get(kind)
     if targets is None:
         raise AdapterError(f"model.peft.target_modules: no default for model_type {kind!r}; "
                            f"name the modules to adapt (Linear leaves: {', '.join(sorted(_linear_leaves(model)))})")

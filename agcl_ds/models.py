@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from agcl_ds.adapters import AdapterError, add_lora
+from agcl_ds.adapters import AdapterError, add_lora, check_targets
 from agcl_ds.data.collate import ByteTokenizer, HFTokenizer, Tokenizer
 from agcl_ds.distributed import barrier, is_main
 
@@ -52,18 +52,44 @@ def _check_folder(path: str) -> None:
 
 
 def check_source(cfg) -> None:
-    """Fail fast (before any rank starts) when the configured model files are not there."""
+    """Fail fast (before any rank starts) when the configured model files are not there, a GGUF file cannot
+    be read, or `model.peft` names modules the architecture does not have."""
+    kind = None
     if cfg.gguf_package is not None:
-        packaged_gguf(cfg.gguf_package)
-        return
-    if cfg.path is None:
-        return
-    _check_folder(cfg.path)
-    if cfg.gguf_file:
-        if not os.path.isfile(os.path.join(cfg.path, cfg.gguf_file)):
-            raise ModelError(f"model.gguf_file: {os.path.join(cfg.path, cfg.gguf_file)!r} not found")
-    elif not os.path.isfile(os.path.join(cfg.path, "config.json")):
-        raise ModelError(f"model.path: {cfg.path!r} has no config.json (not a Hugging Face model folder)")
+        kind = gguf_architecture(*packaged_gguf(cfg.gguf_package), "model.gguf_package")
+    elif cfg.path is not None:
+        _check_folder(cfg.path)
+        if cfg.gguf_file:
+            if not os.path.isfile(os.path.join(cfg.path, cfg.gguf_file)):
+                raise ModelError(f"model.gguf_file: {os.path.join(cfg.path, cfg.gguf_file)!r} not found")
+            kind = gguf_architecture(cfg.path, cfg.gguf_file, "model.gguf_file")
+        elif not os.path.isfile(os.path.join(cfg.path, "config.json")):
+            raise ModelError(f"model.path: {cfg.path!r} has no config.json (not a Hugging Face model folder)")
+        else:
+            kind = model_type(cfg)
+    else:
+        kind = model_type(cfg)
+    if cfg.peft is not None:
+        try:
+            check_targets(cfg.peft, kind)
+        except AdapterError as e:
+            raise ModelError(str(e)) from None
+
+
+def gguf_architecture(folder: str, name: str, key: str) -> str | None:
+    """`general.architecture` of a GGUF file, read from its header (memory-mapped, nothing converted): a
+    file that is not GGUF fails here in one line instead of inside the conversion on rank 0."""
+    src = os.path.join(folder, name)
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ModelError(f"{key}: reading {src} needs the `gguf` package (pip install gguf): {e}") from None
+    try:
+        field = GGUFReader(src).fields.get("general.architecture")
+    except (ValueError, OSError, IndexError) as e:
+        raise ModelError(f"{key}: {src!r} is not a readable GGUF file ({str(e).splitlines()[0]}), so it cannot "
+                         "be converted") from None
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
 
 
 def model_type(cfg) -> str | None:

@@ -21,7 +21,8 @@ Settings:
         of 16 per task; for a GPU machine (`--nproc` GPUs).
   --quick  the cpu setting reduced to 2 tasks, 1 seed, seq/ewc/replay/agcl, 20 steps: under 10 minutes.
 
-    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|cpu-lora|cpu-lora-merge|gpu] [--seeds 0 1 2] [--methods ...]
+    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|cpu-lora|cpu-lora-merge|gpu] [--seeds 0 1 2]
+                                          [--methods ...]
 """
 
 from __future__ import annotations

