@@ -3,7 +3,9 @@
 A checkpoint is the folder `<run_dir>/checkpoints/<tag>/`, tag `t<task>-s<step>`, holding:
 
 - model and optimizer shards (fp32 master, moments), per rank: DeepSpeed's `*_model_states.pt`
-  and `*_optim_states.pt`, written by `engine.save_checkpoint` on every rank;
+  and `*_optim_states.pt`, written by `engine.save_checkpoint` on every rank; the model states also
+  carry the frozen parameters (ZeRO-2/3: their partitions), so base weights that changed while
+  frozen (LoRA `per_task_merge` merges) come back too;
 - method state (importance shards and R̄, Fisher, replay buffer, ...): whatever `Method.save`
   writes, every rank;
 - RNG states (torch CPU and accelerator, Python): `rng/rank<r>.safetensors`, every rank;
