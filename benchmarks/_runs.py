@@ -110,3 +110,35 @@ def fmt(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:+.3f} ± {std:.3f}"
+
+
+# two-sided 95% quantiles of Student's t, t_{0.975, df} for df = 1..10 (any statistics table); 1.96 beyond
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def paired(rows: dict[str, list[dict]], a: str, b: str, key: str) -> str:
+    """`a − b` in points, per seed paired (same seed, same data order), mean with its 95% t interval."""
+    diffs = [100 * (x[key] - y[key]) for x, y in zip(rows[a], rows[b], strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.1f} (1 seed)"
+    half = (T975[len(diffs) - 2] if len(diffs) <= 11 else 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def paired_table(rows: dict[str, list[dict]], keys: list[str]) -> str:
+    """Markdown: each agcl-family method minus the best other method (by mean of each key), paired by seed."""
+    ours = [m for m in rows if m.split(":")[0] in ("agcl", "agcl_replay")]
+    others = [m for m in rows if m not in ours]
+    if not ours or not others:
+        return ""
+    lines = ["| difference (pts, 95% t interval over paired seeds) | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for m in ours:
+        cells = []
+        for k in keys:
+            best = max(others, key=lambda o: statistics.fmean(r[k] for r in rows[o]))
+            cells.append(f"{paired(rows, m, best, k)} vs {best}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+

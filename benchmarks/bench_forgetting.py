@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 
-from _runs import ROOT, run_grid, table
+from _runs import ROOT, paired_table, run_grid, table
 
 from agcl_ds.fileio import write_atomic
 from agcl_ds.report import save_figure
@@ -118,6 +118,9 @@ def main() -> None:
     rows = run_grid(config, setting["ds"], seeds, methods, extra, out, args.nproc)
     tasks = rows[methods[0]][0]["tasks"]
     table_md = table(rows, ["OP", "BWT", "FWT", "diag"])
+    diffs = paired_table(rows, ["OP", "BWT"])
+    if diffs:
+        table_md += "\n\n" + diffs
     print("\n" + table_md)
     baselines = {m: statistics.fmean(r["BWT"] for r in rs) for m, rs in rows.items() if not m.startswith("agcl")}
     if args.results:
