@@ -287,3 +287,46 @@ def test_agcl_with_merged_adapters_holds_output_rows(base):
         rows = t.float()
         assert torch.equal(rows, rows[:, :1].expand_as(rows)), name  # whole rows of B, nothing else
         assert int(rows[:, 0].sum()) == max(1, round(0.2 * rows.shape[0])), name  # top 20% of the rows
+
+
+def _gate_body(tmp: str, stage: int, optimizer: str, base: str) -> dict:
+    """A LoRA engine built as the loop builds it, gated with R̄ = 1 on every lora_A and 0 on every lora_B."""
+    from test_partition import ds_config, local_masters
+
+    from agcl_ds.data.collate import collate
+    from agcl_ds.data.tasks import load_tasks
+    from agcl_ds.engine import build_engine
+    from agcl_ds.gate import attach_gate
+    from agcl_ds.importance.partition import local_shards
+    from agcl_ds.models import load_model
+
+    cfg = _cfg(tmp, [], base)
+    ds = ds_config(stage, optimizer=optimizer, lr=1e-2, wd=0.1 if optimizer == "AdamW" else 0.0)
+    ds["train_micro_batch_size_per_gpu"] = 4
+    loaded = load_model(cfg, ds)
+    engine = build_engine(loaded, ds)
+    specs = local_shards(engine)
+    gate = attach_gate(engine, {n: torch.full((s.numel,), float(".lora_A." in n)) for n, s in specs.items()})
+    before = local_masters(engine)
+    examples = load_tasks(cfg)[0].train
+    for k in range(3):
+        chunk = collate(loaded.tokenizer, examples[4 * k:4 * k + 4], 16)
+        batch = {key: v.to(engine.device) for key, v in chunk.items()}
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    after = local_masters(engine)
+    moved = {n: not torch.equal(before[n], after[n]) for n in before if before[n].numel()}
+    return {"mode": gate.mode, "moved": moved}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, optimizer, mode", [(3, "AdamW", "update"), (3, "SGD", "grad"),
+                                                    (2, "AdamW", "update"), (0, "SGD", "grad")])
+def test_gate_holds_partitioned_adapters_exactly(base, stage, optimizer, mode):
+    for r in run_ranks(_gate_body, stage, optimizer, base):
+        assert r["mode"] == mode
+        held = [n for n in r["moved"] if ".lora_A." in n]
+        free = [n for n in r["moved"] if ".lora_B." in n]
+        assert held and free
+        assert not any(r["moved"][n] for n in held)  # bit-identical, AdamW's weight decay included
+        assert all(r["moved"][n] for n in free)
