@@ -146,3 +146,101 @@ def merge_and_restart(module: torch.nn.Module, seed: int, task: int) -> None:
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
         _assign(a_param, fresh)
         _assign(b_param, torch.zeros(b.shape))
+
+
+# --------------------------------------------------------------------------- osf (peft's OSF tuner)
+
+
+def osf_rank(min_dim: int, first: float, task: int, n_tasks: int) -> int:
+    """Preserved rank while task `task` trains: the share `first` of min_dim, growing linearly so that every
+    task preserves more of what the earlier ones left (task T-1: first + (T-1)/T · (1 - first))."""
+    return int(min_dim * (first + task * (1.0 - first) / max(1, n_tasks)))
+
+
+def osf_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, peft OSF layer) of every adapted Linear."""
+    return [(n, m) for n, m in module.named_modules() if hasattr(m, "osf_svd_params") and "default" in m.osf_svd_params]
+
+
+def add_osf(model: torch.nn.Module, spec: Any, n_tasks: int) -> torch.nn.Module:
+    """The model wrapped by peft's OSF tuner: each targeted weight split by SVD into a preserved top
+    subspace and a trainable rest whose gradients peft projects orthogonal to it.
+
+    ZeRO 0-2 only (`config.resolve_ds_config` refuses stage 3: peft's OSF layer multiplies its factors
+    outside any module's own ops, and ZeRO-3 releases them before that product's backward). The frozen
+    factors (U_low_init..., U_high, V_high) are buffers, replicated on every rank: about the size of the
+    targeted weights again. The preserved factors U_high / V_high, which peft stores only for a non-square
+    weight, are zero-padded to the last task's preserved rank, so that re-sculpting between tasks
+    (`osf_resculpt`) keeps every shape, and with it the optimizer's partitions and the checkpoints."""
+    from peft import OSFConfig, get_peft_model
+
+    kind = getattr(model.config, "model_type", None)
+    targets = list(spec.target_modules or PROJECTIONS.get(kind) or [])
+    if not targets:
+        raise AdapterError(f"model.peft.target_modules: no default for model_type {kind!r}; name the modules")
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in linear)]
+    if unknown:
+        raise AdapterError(f"model.peft.target_modules: {unknown[0]!r} is not a Linear module of this {kind} model "
+                           "(osf adapts torch Linear layers only)")
+    model = get_peft_model(model, OSFConfig(target_modules=targets, effective_rank=spec.effective_rank))
+    for _, layer in osf_layers(model):
+        k_max = osf_rank(min(layer.in_features, layer.out_features), spec.effective_rank, n_tasks - 1, n_tasks)
+        if "default" in layer._osf_U_high:
+            u = layer._osf_U_high["default"]
+            layer._osf_U_high["default"] = torch.cat([u, u.new_zeros(u.shape[0], k_max - u.shape[1])], 1)
+        if "default" in layer._osf_V_high:
+            v = layer._osf_V_high["default"]
+            layer._osf_V_high["default"] = torch.cat([v, v.new_zeros(k_max - v.shape[0], v.shape[1])], 0)
+    return model
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (an SVD's signs may differ between processes)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = t.device
+        from agcl_ds.distributed import device
+
+        t = t.to(device())
+        dist.broadcast(t, 0)
+        t = t.to(dev)
+    return t
+
+
+@torch.no_grad()
+def osf_resculpt(module: torch.nn.Module, first: float, task: int, n_tasks: int) -> None:
+    """Before task `task` (collective): fold each layer's learned change into its base weight and decompose
+    the result again, preserving the top `osf_rank(...)` directions, more than the task before had. The
+    model computes the same function afterwards (the new trainable factors start equal to their frozen
+    copies); slots the smaller trainable subspace no longer uses are zero and stay zero (their gradients
+    vanish with S)."""
+    import deepspeed
+
+    for _, layer in osf_layers(module):
+        params = layer.osf_svd_params["default"]
+        u, s, v = (_full_fp32(params[k]) for k in ("U_low", "S_low", "V_low"))
+        u0, s0, v0 = (layer._osf_U_low_init["default"], layer._osf_S_low_init["default"],
+                      layer._osf_V_low_init["default"])
+        delta = (u * s) @ v - (u0.float().cpu() * s0.float().cpu()) @ v0.float().cpu()
+        w = layer.get_base_layer().weight
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=0, enabled=hasattr(w, "ds_id")):
+            merged = w.detach().float().cpu() + delta
+            U, S, Vt = (_broadcast(x.contiguous()) for x in torch.linalg.svd(merged, full_matrices=False))
+            w.copy_(merged.to(w.device, w.dtype))
+        k = osf_rank(S.numel(), first, task, n_tasks)
+        c = S.numel() - k  # the trainable slots used now (of u.shape[1], the first task's)
+        new_u, new_s, new_v = u.new_zeros(u.shape), s.new_zeros(s.shape), v.new_zeros(v.shape)
+        new_u[:, :c], new_s[:c], new_v[:c] = U[:, k:], S[k:], Vt[k:]
+        for key, value in (("U_low", new_u), ("S_low", new_s), ("V_low", new_v)):
+            _assign(params[key], value)
+        for store, value in ((layer._osf_U_low_init, new_u), (layer._osf_S_low_init, new_s),
+                             (layer._osf_V_low_init, new_v)):
+            store["default"] = value.to(store["default"])
+        if "default" in layer._osf_U_high:
+            high = layer._osf_U_high["default"]
+            high.zero_()[:, :k] = U[:, :k].to(high)
+        if "default" in layer._osf_V_high:
+            high = layer._osf_V_high["default"]
+            high.zero_()[:k] = Vt[:k].to(high)

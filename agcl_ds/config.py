@@ -53,9 +53,10 @@ class PretrainConfig:
 
 @dataclass
 class PeftSpec:
-    """LoRA adapters on the frozen base (`model.peft`), built with `peft` (agcl_ds.adapters)."""
+    """Adapters on the frozen base (`model.peft`), built with `peft` (agcl_ds.adapters): LoRA, or peft's OSF
+    tuner (orthogonal subspace fine-tuning, method osf)."""
 
-    type: Literal["lora"] = "lora"
+    type: Literal["lora", "osf"] = "lora"
     r: int = 8
     alpha: float = 16.0  # the update is (alpha / r) · B A
     dropout: float = 0.0
@@ -64,6 +65,9 @@ class PeftSpec:
     # adapter is merged into the base weights and a fresh one starts; per_task: one adapter per task of
     # data.tasks, all summed in the forward, task i's trained on task i only (O-LoRA's layout, method olora)
     adapter: Literal["shared", "per_task_merge", "per_task"] = "shared"
+    # osf: the share of each weight's smaller dimension whose top singular directions are preserved while the
+    # first task trains; it grows linearly over the tasks (method osf), so later tasks keep less freedom
+    effective_rank: float = 0.5
 
 
 @dataclass
@@ -392,6 +396,12 @@ def _check_peft(cfg: ExperimentConfig, path: str) -> None:
         raise ConfigError(f"{path}: model.peft.dropout: expected a number in [0, 1), got {p.dropout}")
     if p.target_modules is not None and not p.target_modules:
         raise ConfigError(f"{path}: model.peft.target_modules: expected module names or null (the default)")
+    if (p.type == "osf") != (cfg.method.name == "osf"):
+        raise ConfigError(f"{path}: model.peft.type: method osf trains peft's OSF tuner (type: osf) and every other "
+                          f"method LoRA (type: lora); got {p.type!r} with method {cfg.method.name!r}")
+    if p.type == "osf" and (p.adapter != "shared" or not 0 < p.effective_rank < 1):
+        raise ConfigError(f"{path}: model.peft: osf needs adapter: shared and 0 < effective_rank < 1 "
+                          f"(got {p.adapter!r}, {p.effective_rank})")
     if (p.adapter == "per_task") != (cfg.method.name == "olora"):
         raise ConfigError(f"{path}: model.peft.adapter: method olora trains per-task adapters (adapter: per_task) "
                           f"and every other method one adapter (adapter: shared or per_task_merge); got "
@@ -479,6 +489,11 @@ def resolve_ds_config(ds: dict[str, Any], cfg: ExperimentConfig, world_size: int
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    if stage == 3 and cfg.model.peft is not None and cfg.model.peft.type == "osf":
+        # peft's OSF layer multiplies its factors outside any module's own ops, and ZeRO-3 releases them as
+        # soon as the layer's input gradient is done, before that product's backward has read them
+        raise ConfigError(f"{path}.zero_optimization.stage: 3 cannot train model.peft.type osf (ZeRO-3 releases "
+                          "peft's OSF factors before their backward); use stage 0, 1 or 2")
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"{path}: {leftover} is \"auto\" but nothing in the YAML decides it")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from agcl_ds.adapters import AdapterError, add_lora, check_targets
+from agcl_ds.adapters import AdapterError, add_lora, add_osf, check_targets
 from agcl_ds.data.collate import ByteTokenizer, HFTokenizer, Tokenizer
 from agcl_ds.distributed import barrier, is_main
 
@@ -281,7 +281,10 @@ def load_model(cfg, ds_config: dict[str, Any], path_override: str | None = None)
         train_top_layers(model, m.train_top_layers)
     if m.peft is not None:
         try:
-            model = add_lora(model, m.peft, cfg.seed, n_tasks=len(cfg.data.tasks))
+            if m.peft.type == "osf":
+                model = add_osf(model, m.peft, n_tasks=len(cfg.data.tasks))
+            else:
+                model = add_lora(model, m.peft, cfg.seed, n_tasks=len(cfg.data.tasks))
         except AdapterError as e:
             raise ModelError(str(e)) from None
     if tok.vocab_size > model.config.vocab_size:

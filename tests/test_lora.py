@@ -106,27 +106,31 @@ def test_unknown_target_module_is_one_line(tmp_path):
         load_model(cfg, {"zero_optimization": {"stage": 0}})
 
 
-def _loop_body(tmp: str, method: str, base: str) -> dict:
+def _loop_body(tmp: str, method: str, base: str, ds_name: str = "zero3") -> dict:
     from agcl_ds.loop import run
 
     # the random tiny base answers nothing correctly: explain every sample
     prefix = {"agcl": "method.options.", "agcl_replay": "method.options.agcl."}.get(method)
     extra = [f"{prefix}attribution.only_correct=false"] if prefix else []
+    extra += ["model.peft.type=osf"] if method == "osf" else []
     cfg = _cfg(tmp, [f"method.name={method}", "training.steps_per_task=6", "checkpoint.keep=1", *extra], base)
-    ds = resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2)
+    ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, 2)
     results = run(cfg, ds)
     with open(os.path.join(cfg.run_dir(), "log.jsonl")) as f:
         events = [json.loads(line) for line in f]
-    return {"results": results, "events": [e for e in events if e["event"] in ("gate", "importance")]}
+    return {"results": results, "events": [e for e in events if e["event"] in ("gate", "importance", "osf")]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["seq", "replay", "ewc", "agcl", "agcl_replay"])
-def test_methods_run_on_adapters_under_zero3(tmp_path, base, method):
-    out = run_ranks(_loop_body, method, base, tmp=str(tmp_path))[0]
+@pytest.mark.parametrize("method, ds_name", [("seq", "zero3"), ("replay", "zero3"), ("ewc", "zero3"),
+                                             ("agcl", "zero3"), ("agcl_replay", "zero3"), ("osf", "zero2")])
+def test_methods_run_on_adapters(tmp_path, base, method, ds_name):
+    out = run_ranks(_loop_body, method, base, ds_name, tmp=str(tmp_path))[0]
     res = out["results"]
     assert len(res["matrix"]) == 2 and all(0 <= v <= 1 for row in res["matrix"] for v in row)
     assert res["config"]["model"]["peft"]["r"] == 4
+    if method == "osf":
+        assert [e["preserved_share"] for e in out["events"] if e["event"] == "osf"] == [0.75]  # 0.5, then 0.75
     if method.startswith("agcl"):
         imp = [e for e in out["events"] if e["event"] == "importance"]
         assert len(imp) == 1 and 0 < imp[0]["mean"] < 1  # the adapters' importance of task 1, top-k binarised
@@ -330,3 +334,69 @@ def test_gate_holds_partitioned_adapters_exactly(base, stage, optimizer, mode):
         assert held and free
         assert not any(r["moved"][n] for n in held)  # bit-identical, AdamW's weight decay included
         assert all(r["moved"][n] for n in free)
+
+
+def _osf_body(tmp: str, stage: int, base: str) -> dict:
+    """Train with SGD, re-sculpt, train again: returns the function before/after re-sculpting and, per layer,
+    how much of the second task's change lies in the directions preserved for it."""
+    from test_partition import ds_config
+
+    from agcl_ds.adapters import _full_fp32, osf_layers, osf_rank, osf_resculpt
+    from agcl_ds.data.collate import collate
+    from agcl_ds.data.tasks import load_tasks
+    from agcl_ds.engine import build_engine, train_task
+    from agcl_ds.models import load_model
+    from agcl_ds.runlog import RunLog
+
+    cfg = _cfg(tmp, ["model.peft.type=osf", "method.name=osf", "training.steps_per_task=3"], base)
+    ds = ds_config(stage, optimizer="SGD", lr=0.5)
+    ds["train_micro_batch_size_per_gpu"] = cfg.training.micro_batch_size
+    loaded = load_model(cfg, ds)
+    engine = build_engine(loaded, ds)
+    tasks = load_tasks(cfg)
+
+    def effective() -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        out = {}
+        for name, layer in osf_layers(engine.module):
+            p = layer.osf_svd_params["default"]
+            u, s, v = (_full_fp32(p[k]) for k in ("U_low", "S_low", "V_low"))
+            u0, s0, v0 = (getattr(layer, f"_osf_{k}_low_init")["default"].float().cpu() for k in "USV")
+            w = layer.get_base_layer().weight
+            with deepspeed.zero.GatheredParameters([w], enabled=hasattr(w, "ds_id")):
+                out[name] = w.detach().float().cpu() + (u * s) @ v - (u0 * s0) @ v0
+        return out
+
+    log = RunLog(tmp, cfg)
+    train_task(engine, loaded.tokenizer, tasks[0].train, 0, steps=3, lr=0.5, cfg=cfg, log=log, desc="osf 1")
+    batch = collate(loaded.tokenizer, tasks[0].test[:4], 16)
+    engine.eval()
+    with torch.no_grad():
+        before = engine(input_ids=batch["input_ids"]).logits.float()
+    osf_resculpt(engine.module, cfg.model.peft.effective_rank, 1, 2)
+    with torch.no_grad():
+        after = engine(input_ids=batch["input_ids"]).logits.float()
+    engine.train()
+    w1 = effective()
+    train_task(engine, loaded.tokenizer, tasks[1].train, 1, steps=3, lr=0.5, cfg=cfg, log=log, desc="osf 2")
+    w2 = effective()
+    leak = {}
+    for name, w in w1.items():
+        U, S, Vt = torch.linalg.svd(w, full_matrices=False)
+        k = osf_rank(S.numel(), cfg.model.peft.effective_rank, 1, 2)
+        d = w2[name] - w
+        leak[name] = (float((U[:, :k].t() @ d).norm() / d.norm().clamp_min(1e-30)),
+                      float((d @ Vt[:k].t()).norm() / d.norm().clamp_min(1e-30)), float(d.norm()))
+    return {"logits": (before, after), "leak": leak}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 0])
+def test_osf_updates_stay_orthogonal_to_the_preserved_directions(base, stage):
+    out = run_ranks(_osf_body, stage, base)[0]
+    torch.testing.assert_close(*out["logits"], rtol=1e-4, atol=1e-4)  # re-sculpting keeps the function
+    assert len(out["leak"]) == 2 * 7
+    for name, (left, right, norm) in out["leak"].items():
+        assert norm > 0, name  # the second task changed every adapted weight ...
+        assert left < 1e-3 and right < 1e-3, (name, left, right)  # ... only outside the preserved subspace

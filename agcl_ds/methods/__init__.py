@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "freeze": "agcl_ds.methods.freeze:Freeze",
     "agcl_replay": "agcl_ds.methods.agcl_replay:AgclReplay",
     "olora": "agcl_ds.methods.olora:Olora",
+    "osf": "agcl_ds.methods.osf:Osf",
     "hft": "agcl_ds.methods.hft:Hft",
     "magmask": "agcl_ds.methods.magmask:Magmask",
 }
