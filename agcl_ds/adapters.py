@@ -244,3 +244,31 @@ def osf_resculpt(module: torch.nn.Module, first: float, task: int, n_tasks: int)
         if "default" in layer._osf_V_high:
             high = layer._osf_V_high["default"]
             high.zero_()[:k] = Vt[:k].to(high)
+
+
+OSF_STATE = "osf/factors.safetensors"  # in a checkpoint folder: the frozen factors of the last re-sculpting
+_OSF_BUFFERS = ("_osf_U_low_init", "_osf_S_low_init", "_osf_V_low_init", "_osf_U_high", "_osf_V_high")
+
+
+def osf_factors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen OSF factors, `<layer>.<buffer>` -> tensor. peft keeps them as non-persistent buffers, out of
+    every state dict (so out of DeepSpeed's checkpoints too): after a re-sculpting only these say what the
+    trainable factors are measured against."""
+    return {f"{name}.{b}": getattr(layer, b)["default"].detach().cpu().contiguous()
+            for name, layer in osf_layers(module) for b in _OSF_BUFFERS if "default" in getattr(layer, b)}
+
+
+def load_osf_factors(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put back what `osf_factors` returned (same layers and shapes, or a one-line ValueError)."""
+    expected = osf_factors(module)
+    if expected.keys() != tensors.keys():
+        raise ValueError("the saved OSF factors name other layers than this model's")
+    for name, layer in osf_layers(module):
+        for b in _OSF_BUFFERS:
+            store = getattr(layer, b)
+            if "default" in store:
+                t = tensors[f"{name}.{b}"]
+                if t.shape != store["default"].shape:
+                    raise ValueError(f"saved OSF factor {name}.{b} has shape {tuple(t.shape)}, this model "
+                                     f"{tuple(store['default'].shape)}")
+                store["default"] = t.to(store["default"])

@@ -57,15 +57,16 @@ def export_checkpoint(folder: str, out: str, dtype: str = "fp32", adapter: bool 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from agcl_ds.adapters import lora_config
+    from agcl_ds.adapters import OSF_STATE, add_osf, load_osf_factors, lora_config
     from agcl_ds.models import build_tokenizer, check_source, config_from, local_source
 
     folder, pos = checkpoint.resolve(folder)
     cfg = checkpoint.config_of(folder, pos)
     lora = cfg.model.peft is not None
-    if not lora and (adapter or base_out):
-        raise CheckpointError(f"{folder}: --adapter/--base-out apply to LoRA runs (model.peft); this run "
-                              "trained the model itself")
+    osf = lora and cfg.model.peft.type == "osf"
+    if (not lora or osf) and (adapter or base_out):
+        raise CheckpointError(f"{folder}: --adapter/--base-out apply to LoRA runs (model.peft.type lora); this run "
+                              f"trained {'peft OSF factors: export the merged model' if osf else 'the model itself'}")
     if adapter and cfg.model.from_config is not None and base_out is None:
         raise CheckpointError(f"{folder}: the base was built from model.from_config, so no folder holds it; "
                               "pass --base-out DIR to write it beside the adapter")
@@ -85,17 +86,27 @@ def export_checkpoint(folder: str, out: str, dtype: str = "fp32", adapter: bool 
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype, trust_remote_code=m.trust_remote_code)
-        if lora:
-            from peft import get_peft_model
+    if osf:  # peft decomposes real weights while it builds OSF layers: a CPU model (fp32) whose tensors the
+        # checkpoint then replaces, buffers included (the frozen factors of the last re-sculpting)
+        model = add_osf(AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32), m.peft,
+                        n_tasks=len(cfg.data.tasks))
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype,
+                                                     trust_remote_code=m.trust_remote_code)
+            if lora:
+                from peft import get_peft_model
 
-            model = get_peft_model(model, lora_config(m.peft, model))
+                model = get_peft_model(model, lora_config(m.peft, model))
     state = {}
     for k, lazy in _fp32_state_dict(folder).items():  # one fp32 tensor at a time on top of the result
         t = lazy.contiguous()
         state[k] = t.to(torch_dtype) if t.is_floating_point() else t
     result = model.load_state_dict(state, strict=False, assign=True)
+    if osf:
+        from safetensors.torch import load_file
+
+        load_osf_factors(model, load_file(os.path.join(folder, OSF_STATE)))
     model.tie_weights()
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
     if result.unexpected_keys or missing:

@@ -40,8 +40,8 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-# what a method needs of the model in a LoRA config: olora trains one adapter per task
-METHOD_OVERRIDES: dict[str, list[str]] = {"olora": ["model.peft.adapter=per_task"]}
+# what a method needs of the model in a LoRA config: olora trains one adapter per task, osf peft's OSF tuner
+METHOD_OVERRIDES: dict[str, list[str]] = {"olora": ["model.peft.adapter=per_task"], "osf": ["model.peft.type=osf"]}
 
 
 def variant_overrides(name: str, variant: str) -> list[str]:

@@ -14,7 +14,8 @@ Settings:
         with avx512_bf16.
   cpu-lora  configs/cl_smollm2_lora.yaml: the whole model frozen, LoRA r = 8 (alpha 16) on the attention and
         MLP projections of all 30 blocks, otherwise the cpu setting (lr 1e-3); seq, ewc, replay, agcl,
-        agcl_replay and olora (per-task adapters). About 6 minutes per run with avx512_bf16.
+        agcl_replay, olora (per-task adapters) and osf (peft's OSF tuner instead of LoRA). About 6 minutes
+        per LoRA run with avx512_bf16.
   cpu-lora-merge  the same with model.peft.adapter per_task_merge: seq, agcl (rows of B held) and
         agcl:elements (the element map of the merged adapter, the control).
   gpu   full fine-tuning (all 30 blocks and embeddings), ZeRO-3, 1000/500 examples per task, 200 steps
@@ -39,7 +40,7 @@ from agcl_ds.report import save_figure
 
 METHODS = ["seq", "ewc", "mas", "freeze", "replay", "agcl", "agcl_replay"]
 ABLATIONS = ["agcl:gradxw", "agcl:random", "agcl:grad", "agcl:minmax", "agcl:single"]
-LORA_METHODS = ["seq", "ewc", "replay", "agcl", "agcl_replay", "olora"]
+LORA_METHODS = ["seq", "ewc", "replay", "agcl", "agcl_replay", "olora", "osf"]
 SETTINGS: dict[str, dict] = {
     "cpu": {"ds": "ds_configs/zero2.json", "overrides": []},  # configs/cl_smollm2.yaml as written
     "cpu-lora": {"ds": "ds_configs/zero2.json", "overrides": [], "config": "configs/cl_smollm2_lora.yaml",

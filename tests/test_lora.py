@@ -400,3 +400,54 @@ def test_osf_updates_stay_orthogonal_to_the_preserved_directions(base, stage):
     for name, (left, right, norm) in out["leak"].items():
         assert norm > 0, name  # the second task changed every adapted weight ...
         assert left < 1e-3 and right < 1e-3, (name, left, right)  # ... only outside the preserved subspace
+
+
+PROBE = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+
+
+def _osf_export_body(tmp: str, base: str) -> dict:
+    """An osf engine trained, re-sculpted and trained again, checkpointed as the loop does; its probe logits."""
+    from agcl_ds import checkpoint
+    from agcl_ds.adapters import osf_resculpt
+    from agcl_ds.data.tasks import load_tasks
+    from agcl_ds.engine import build_engine, train_task
+    from agcl_ds.methods import build_method
+    from agcl_ds.methods.base import RunContext
+    from agcl_ds.models import load_model
+    from agcl_ds.runlog import RunLog
+
+    cfg = _cfg(tmp, ["model.peft.type=osf", "method.name=osf"], base)
+    ds = resolve_ds_config(load_ds_config("ds_configs/zero2.json"), cfg, 2)
+    loaded = load_model(cfg, ds)
+    engine = build_engine(loaded, ds)
+    tasks, log = load_tasks(cfg), RunLog(tmp, cfg)
+    method = build_method(cfg.method)
+    method.setup(RunContext(cfg, engine, loaded.tokenizer, tasks, tmp, log, None, ds, None))
+    for i in range(2):
+        train_task(engine, loaded.tokenizer, tasks[i].train, i, steps=3, lr=cfg.training.lr, cfg=cfg, log=log,
+                   desc=f"osf {i}")
+        if i == 0:
+            osf_resculpt(engine.module, cfg.model.peft.effective_rank, 1, 2)
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=PROBE.to(engine.device)).logits.float()
+    pos = checkpoint.Position(task=2, step=0, config=cfg.resume_view(), world_size=2, zero_stage=2, method="osf")
+    checkpoint.save(os.path.join(tmp, "osf", "checkpoints"), engine, method, pos, keep=1)
+    return logits
+
+
+@pytest.mark.slow
+def test_osf_export_is_the_merged_model(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from agcl_ds.export import export_checkpoint
+
+    logits = run_ranks(_osf_export_body, base, tmp=str(tmp_path))[0]
+    export_checkpoint(str(tmp_path / "osf"), str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert "osf" not in " ".join(n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=PROBE).logits, logits, rtol=1e-4, atol=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        assert (plain(input_ids=PROBE).logits - logits).abs().max() > 1e-3  # both tasks changed the model

@@ -17,15 +17,15 @@ from agcl_ds.distributed import local_accelerator, local_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-ARGS = ["--ds", "ds_configs/zero3.json", "--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null",
-        "checkpoint.every_steps=3", "checkpoint.keep=3"]
+ARGS = ["--config", "configs/demo_synthetic.yaml", *TINY, "model.pretrain=null", "checkpoint.every_steps=3",
+        "checkpoint.keep=3"]
 
 
-def start(out_dir, *extra):
+def start(out_dir, *extra, ds="ds_configs/zero3.json"):
     """2 CPU ranks, or one rank per GPU under DS_ACCELERATOR=cuda (benchmarks/gpu_check.sh)."""
     env = dict(os.environ, DS_ACCELERATOR=local_accelerator(), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(local_world(2)), "launch/train.py",
-           *ARGS, f"output.dir={out_dir}", *extra]
+           "--ds", ds, *ARGS, f"output.dir={out_dir}", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -72,13 +72,13 @@ def same_as_reference(out, reference, method="seq"):
         assert torch.equal(w[k], ref_w[k]), k
 
 
-def kill_mid_task_then_resume(tmp_path, method: str = "seq", *extra: str) -> None:
-    proc = start(tmp_path, *extra)
+def kill_mid_task_then_resume(tmp_path, method: str = "seq", *extra: str, ds: str = "ds_configs/zero3.json") -> None:
+    proc = start(tmp_path, *extra, ds=ds)
     wait_for(tmp_path / method / "checkpoints" / "t001-s0000003", proc)  # second task, mid-way
     ranks(proc)[-1].send_signal(signal.SIGKILL)  # the last rank (the only one on a 1-GPU machine)
     code, _, _ = finish(proc)
     assert code != 0
-    code, out, err = finish(start(tmp_path, *extra))
+    code, out, err = finish(start(tmp_path, *extra, ds=ds))
     assert code == 0, err[-3000:]
     assert "resumed from" in out and "t001-s00000" in out
 
@@ -108,6 +108,21 @@ def test_sigkill_mid_task_then_resume_lora_agcl(tmp_path, tmp_path_factory, adap
     assert any(".lora_B." in k for k in reference[1]) and any(".base_layer." in k for k in reference[1])
     kill_mid_task_then_resume(tmp_path, "agcl", *extra)
     same_as_reference(tmp_path, reference, "agcl")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_task_then_resume_osf(tmp_path, tmp_path_factory):
+    """osf re-sculpts between tasks: the new frozen factors (not in any state dict) come back from the
+    method's own checkpoint file. ZeRO-2 (osf refuses ZeRO-3)."""
+    extra, ds = ["model.peft.type=osf", "method.name=osf"], "ds_configs/zero2.json"
+    ref = tmp_path_factory.mktemp("osf_ref")
+    code, _, err = finish(start(ref, *extra, ds=ds))
+    assert code == 0, err[-3000:]
+    with open(ref / "osf" / "results.json") as f:
+        reference = json.load(f), final_weights(ref / "osf")
+    kill_mid_task_then_resume(tmp_path, "osf", *extra, ds=ds)
+    same_as_reference(tmp_path, reference, "osf")
+    assert (tmp_path / "osf" / "checkpoints" / "t002-s0000000" / "osf" / "factors.safetensors").is_file()
 
 
 @pytest.mark.slow

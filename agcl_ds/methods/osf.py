@@ -16,10 +16,12 @@ normalisation), as in peft's own tuner.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
-from agcl_ds.adapters import osf_resculpt
+from agcl_ds.adapters import OSF_STATE, load_osf_factors, osf_factors, osf_resculpt
 from agcl_ds.config import ConfigError
+from agcl_ds.distributed import is_main
 from agcl_ds.methods.base import Method, RunContext
 
 if TYPE_CHECKING:
@@ -33,6 +35,23 @@ class Osf(Method):
     def check(self, cfg: ExperimentConfig) -> None:
         if cfg.model.peft is None or cfg.model.peft.type != "osf":
             raise ConfigError("method osf: trains peft's OSF tuner; set model.peft.type: osf")
+
+    def setup(self, ctx: RunContext) -> None:
+        self.module = ctx.engine.module
+
+    def save(self, folder: str) -> None:
+        """The frozen factors (replicated on every rank: rank 0 writes them); peft keeps them out of the
+        state dicts, and after a re-sculpting they are not what a fresh model would compute."""
+        from safetensors.torch import save_file
+
+        if is_main():
+            os.makedirs(os.path.join(folder, os.path.dirname(OSF_STATE)), exist_ok=True)
+            save_file(osf_factors(self.module), os.path.join(folder, OSF_STATE))
+
+    def load(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        load_osf_factors(self.module, load_file(os.path.join(folder, OSF_STATE)))
 
     def after_task(self, ctx: RunContext, index: int, task: Task) -> None:
         from agcl_ds.engine import reset_optimizer_state
