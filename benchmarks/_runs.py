@@ -37,6 +37,10 @@ VARIANTS: dict[str, dict] = {
     "loss": {"attribution": {"target": "loss"}},
     "gradxw": {"attribution": {"source": "grad_x_weight"}},
     "elements": {"merged_gate": "elements"},
+    "mass50": {"attribution": {"normalize": "mass", "mass": 0.5}},
+    "mass80": {"attribution": {"normalize": "mass", "mass": 0.8}},
+    "global": {"attribution": {"select": "global"}},
+    "mass80global": {"attribution": {"normalize": "mass", "mass": 0.8, "select": "global"}},
 }
 
 

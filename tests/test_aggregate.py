@@ -140,6 +140,24 @@ def test_topk_binarisation_is_exact(frac):
     assert normalize(ties, "topk", top_frac=0.4).tolist() == [0, 1, 1, 1, 0]
 
 
+@pytest.mark.parametrize("mass", [0.3, 0.8, 1.0])
+def test_mass_mask_is_the_fewest_entries_holding_the_share(mass):
+    x = TopKMean(3001, 4)
+    x.update(LogScale()(heavy_tailed(8, 3001, seed=5)))
+    x = x.result()
+    m = normalize(x, "mass", mass=mass)
+    v = torch.expm1(x.double())
+    ranked = v.sort(descending=True).values
+    need = int((ranked.cumsum(0) < mass * v.sum() * (1 - 1e-12)).sum()) + 1  # the smallest such set
+    positive = int((x > x.min()).sum())
+    assert int(m.sum()) == min(need, positive)
+    assert torch.equal(m.bool(), (v >= ranked[int(m.sum()) - 1]) & (x > x.min()))  # the largest entries
+    parts = [x[:1000], x[1000:]]  # select global: one threshold for the concatenation
+    assert torch.equal(torch.cat(normalize_many(parts, "mass", mass=mass, select="global")), m)
+    assert torch.equal(torch.cat(normalize_many(parts, "topk", top_frac=0.1, select="global")),
+                       normalize(x, "topk", top_frac=0.1))
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalize(torch.ones(3), "max")
@@ -155,7 +173,7 @@ def _sharded_normalise(tmp: str, x: torch.Tensor, cuts: list[int]) -> dict[str, 
     rank = torch.distributed.get_rank()
     shard = x[cuts[rank]:cuts[rank + 1]]
     red = dist_reduce()
-    out = {m: normalize(shard, m, top_frac=0.05, reduce=red) for m in ("minmax", "rank", "topk")}
+    out = {m: normalize(shard, m, top_frac=0.05, reduce=red) for m in ("minmax", "rank", "topk", "mass")}
     # several tensors at once (their collectives shared): each as if alone, one of them empty on this rank
     parts = [shard, shard[:0] if rank else shard, (shard * 3).round_()]
     out["many"] = normalize_many(parts, "topk", top_frac=0.05, reduce=red)
@@ -169,7 +187,7 @@ def test_sharded_normalisation_equals_unsharded():
     x = x.result()
     for cuts in ([0, 1200, 2000], [0, 0, 2000]):  # uneven shards, and an empty one (a ZeRO-1/2 fragment)
         out = run_ranks(_sharded_normalise, x, cuts)
-        for m in ("minmax", "rank", "topk"):
+        for m in ("minmax", "rank", "topk", "mass"):
             torch.testing.assert_close(torch.cat([o[m] for o in out]), normalize(x, m, top_frac=0.05),
                                        rtol=1e-6, atol=1e-7)
         alone = [x, x[cuts[0]:cuts[1]], (x * 3).round_()]  # rank 1's second shard is empty

@@ -36,7 +36,8 @@ def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, se
     reduce = world_reduce()
     names = sorted(specs)
     scores = [torch.rand(specs[n].numel, generator=gen).to(D.device()) for n in names]
-    return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce), strict=True))
+    return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce,
+                                                   mass=opts.mass, select=opts.select), strict=True))
 
 
 def pick_samples(examples: list[Example], n: int, seed: int) -> list[Example]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from agcl_ds.config import ConfigError
+
 
 @dataclass
 class AttributionOptions:
@@ -18,11 +20,20 @@ class AttributionOptions:
     aggregate: Literal["topk", "power"] = "topk"  # top-K mean (paper) or sum-reducible power mean
     k: int = 8
     power: float = 4.0
-    normalize: Literal["topk", "rank", "minmax"] = "topk"
+    normalize: Literal["topk", "mass", "rank", "minmax"] = "topk"
     top_frac: float = 0.2  # for normalize: topk (binary mask of the top fraction per tensor)
+    mass: float = 0.8  # for normalize: mass (binary mask of the fewest elements holding this share of relevance)
+    select: Literal["tensor", "global"] = "tensor"  # normalise each tensor on its own, or the model as one
     n_samples: int = 64  # training examples explained per task (over all ranks)
     micro_batch_size: int = 8  # per rank
     block_elems: int = 1 << 23  # relevance values per kept sample in one hook block (memory: B × this × 4 bytes)
     # top-K on several ranks: what travels for a Linear weight, its per-sample maps or the factors of G_b
     # ("auto": whichever is fewer bytes, see `router.Router.factors`)
     exchange: Literal["auto", "values", "factors"] = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("top_frac", "mass"):
+            value = getattr(self, key)
+            if not 0 < value <= 1:
+                raise ConfigError(f"attribution.{key}: expected a number in (0, 1], got {value}")
+

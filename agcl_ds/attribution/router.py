@@ -373,5 +373,6 @@ class Router:
             agg.seen = total
             raws.append(agg.result(self.scale[name].apply_, consume=True) if self.opts.aggregate == "topk"
                         else agg.result())
-        return dict(zip(names, normalize_many(raws, self.opts.normalize, self.opts.top_frac, reduce=self.reduce),
+        return dict(zip(names, normalize_many(raws, self.opts.normalize, self.opts.top_frac, reduce=self.reduce,
+                                                  mass=self.opts.mass, select=self.opts.select),
                         strict=True))

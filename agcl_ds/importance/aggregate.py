@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
-Method = Literal["minmax", "rank", "topk"]
+Method = Literal["minmax", "rank", "topk", "mass"]
 
 
 def local_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -321,6 +321,27 @@ def kth_largest(x: torch.Tensor, k: int, reduce: Reduce = local_reduce, bins: in
     return kth_largest_many([x], [k], reduce, bins, max_rounds)[0]
 
 
+def mass_thresholds(vs: list[torch.Tensor], mass: float, reduce: Reduce, lo: list[float], hi: list[float],
+                    rounds: int = 60) -> list[float]:
+    """Per tensor (non-negative values, sharded), the largest τ with Σ_{v ≥ τ} v ≥ mass · Σ v: the smallest set
+    of largest values holding that share. Bisection on [lo, hi], one all-reduce for all tensors per round; a
+    tensor whose sum is 0 gets τ = inf (nothing holds relevance)."""
+    dev = vs[0].device if vs else torch.device("cpu")
+    total = reduce(torch.stack([v.sum() for v in vs]) if vs else torch.zeros(0, dtype=torch.float64, device=dev),
+                   "sum")
+    a = torch.tensor(lo, dtype=torch.float64, device=dev)  # S(a) >= target holds (a = the minimum)
+    b = torch.tensor(hi, dtype=torch.float64, device=dev)
+    target = total * mass
+    top = reduce(torch.stack([v[v >= m].sum() for v, m in zip(vs, b.tolist(), strict=True)]), "sum")
+    a = torch.where(top >= target, b, a)  # the maximum alone may hold the share
+    for _ in range(rounds):
+        mid = (a + b) / 2
+        held = reduce(torch.stack([v[v >= m].sum() for v, m in zip(vs, mid.tolist(), strict=True)]), "sum")
+        ok = held >= target
+        a, b = torch.where(ok, mid, a), torch.where(ok, b, mid)
+    return [math.inf if t <= 0 else v for v, t in zip(a.tolist(), total.tolist(), strict=True)]
+
+
 def kth_largest_many(xs: list[torch.Tensor], ks: list[int], reduce: Reduce = local_reduce, bins: int = 1024,
                      max_rounds: int = 64,
                      ranges: tuple[list[float], list[float], list[int]] | None = None) -> list[float]:
@@ -358,31 +379,47 @@ def kth_largest_many(xs: list[torch.Tensor], ks: list[int], reduce: Reduce = loc
 
 
 def normalize(x: torch.Tensor, method: Method, top_frac: float = 0.2, bins: int = 1 << 16,
-              reduce: Reduce = local_reduce) -> torch.Tensor:
+              reduce: Reduce = local_reduce, mass: float = 0.8) -> torch.Tensor:
     """Per-tensor importance in [0, 1] from a flat local shard of an aggregate (`normalize_many` of one)."""
-    return normalize_many([x], method, top_frac, bins, reduce)[0]
+    return normalize_many([x], method, top_frac, bins, reduce, mass)[0]
 
 
 def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2, bins: int = 1 << 16,
-                   reduce: Reduce = local_reduce) -> list[torch.Tensor]:
+                   reduce: Reduce = local_reduce, mass: float = 0.8,
+                   select: Literal["tensor", "global"] = "tensor") -> list[torch.Tensor]:
     """Per-tensor importance in [0, 1] for each flat local shard, every tensor normalised on its own.
 
     minmax: (x − min)/(max − min); rank: `quantile_rank`; topk: 1 for the top `top_frac` of the tensor
     (x ≥ the exact ⌈top_frac·N⌉-th largest value; ties at the threshold are all kept), 0 elsewhere —
     except entries at the tensor's minimum, never marked, so that a constant or mostly-zero tensor (e.g.
-    untouched embedding rows, CP-LRP's q/k) does not protect its zeros. minmax and topk share their
-    collectives over the list.
+    untouched embedding rows, CP-LRP's q/k) does not protect its zeros; mass: 1 for the smallest set of
+    largest entries holding `mass` of the tensor's relevance, counted on the linear scale expm1(x) of the
+    log-scaled aggregate (so the mask's size follows how concentrated the relevance is instead of being
+    fixed), the minimum again never marked. minmax, topk and mass share their collectives over the list.
+    select "global": one normalisation over all the tensors together (one threshold for the whole model)
+    instead of one per tensor.
     """
     for x in xs:
         if x.ndim != 1:
             raise ValueError(f"normalize works on a flat 1-D shard, got shape {tuple(x.shape)}")
+    if select == "global" and len(xs) > 1:
+        flat = normalize_many([torch.cat(xs)], method, top_frac, bins, reduce, mass)[0]
+        return list(flat.split([x.numel() for x in xs]))
+    if select not in ("tensor", "global"):
+        raise ValueError(f"select must be 'tensor' or 'global', got {select!r}")
     if method == "rank":
         return [quantile_rank(x, bins, reduce) for x in xs]
-    if method not in ("minmax", "topk"):
-        raise ValueError(f"unknown normalisation {method!r}; expected 'minmax', 'rank' or 'topk'")
+    if method not in ("minmax", "topk", "mass"):
+        raise ValueError(f"unknown normalisation {method!r}; expected 'minmax', 'rank', 'topk' or 'mass'")
     if method == "topk" and not 0 < top_frac <= 1:
         raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
+    if method == "mass" and not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
     lo, hi, n = _global_ranges(xs, reduce)
+    if method == "mass":
+        taus = mass_thresholds([torch.expm1(x.double()) for x in xs], mass, reduce,
+                               [math.expm1(v) for v in lo], [math.expm1(v) for v in hi])
+        return [((torch.expm1(x.double()) >= t) & (x > a)).to(x.dtype) for x, t, a in zip(xs, taus, lo, strict=True)]
     if method == "minmax":
         return [_scale_minmax(x, a, b) for x, a, b in zip(xs, lo, hi, strict=True)]
     ranked = [i for i in range(len(xs)) if n[i] > 0]
