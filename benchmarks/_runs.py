@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict] = {
     "mass80": {"attribution": {"normalize": "mass", "mass": 0.8}},
     "global": {"attribution": {"select": "global"}},
     "mass80global": {"attribution": {"normalize": "mass", "mass": 0.8, "select": "global"}},
+    "sum": {"combine": "sum"},
+    "decay": {"combine": "decay", "decay": 0.5},
 }
 
 

@@ -37,6 +37,21 @@ def test_add_task_folds_by_max_and_keeps_tasks(tmp_path):
                for n in SHAPES)
 
 
+@pytest.mark.parametrize("combine", ["sum", "decay"])
+def test_add_task_sum_and_decay(combine):
+    store = ImportanceStore(full_specs(SHAPES))
+    a, b = _imp(0), _imp(1)
+    store.add_task("a", a, combine, decay=0.5)
+    store.add_task("b", b, combine, decay=0.5)
+    for n in SHAPES:
+        bf = lambda t: t.to(torch.bfloat16)  # noqa: E731 (R̄ is held in bf16)
+        want = ((bf(a[n]) + bf(b[n])).clamp(max=1) if combine == "sum"
+                else torch.maximum(bf(a[n]) * 0.5, bf(b[n])))
+        assert torch.equal(store.rbar[n], want), n
+    with pytest.raises(ValueError, match="combine must be"):
+        store.add_task("c", a, "mean")
+
+
 def test_bad_input_is_rejected(tmp_path):
     store = ImportanceStore(full_specs(SHAPES))
     with pytest.raises(ValueError, match="missing 'w'"):

@@ -64,8 +64,13 @@ class ImportanceStore:
         return self._views(self._task_flats[self.tasks.index(name)])
 
     @torch.no_grad()
-    def add_task(self, name: str, local_importance: dict[str, torch.Tensor]) -> None:
-        """Record task `name`'s importance (local shards in [0, 1]) and fold it into R̄ by element-wise max."""
+    def add_task(self, name: str, local_importance: dict[str, torch.Tensor], combine: str = "max",
+                 decay: float = 1.0) -> None:
+        """Record task `name`'s importance (local shards in [0, 1]) and fold it into R̄: element-wise max (the
+        paper), `sum` (clamped to 1: an element several tasks need is held harder under a soft map) or `decay`
+        (R̄ ← max(decay·R̄, R_τ): older tasks' protection fades, leaving room for plasticity)."""
+        if combine not in ("max", "sum", "decay"):
+            raise ValueError(f"combine must be 'max', 'sum' or 'decay', got {combine!r}")
         if name in self.tasks:
             raise ValueError(f"task {name!r} is already in the store")
         extra = sorted(set(local_importance) - set(self.specs))
@@ -85,7 +90,12 @@ class ImportanceStore:
             spec = self.specs[n]
             src = t.detach().reshape(-1).to(device=self._rbar.device, dtype=torch.bfloat16)
             view = self._rbar.narrow(0, spec.flat_offset, spec.numel)
-            torch.maximum(view, src, out=view)
+            if combine == "sum":
+                view.add_(src).clamp_(max=1)
+            else:
+                if combine == "decay":
+                    view.mul_(decay)
+                torch.maximum(view, src, out=view)
             if flat is not None:
                 flat.narrow(0, spec.flat_offset, spec.numel).copy_(src)
         self.tasks.append(name)

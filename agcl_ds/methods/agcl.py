@@ -44,6 +44,8 @@ class AgclOptions:
     # attribution.top_frac by the task's mean importance; B starts at 0, so those rows of W stay as merged.
     # elements: keep the element map anyway (the control)
     merged_gate: Literal["rows", "elements"] = "rows"
+    combine: Literal["max", "sum", "decay"] = "max"  # how task maps fold into R̄ (importance.store.add_task)
+    decay: float = 0.5  # combine: decay, R̄ ← max(decay·R̄, R_τ)
 
 
 class Agcl(Method):
@@ -52,6 +54,8 @@ class Agcl(Method):
 
     def __init__(self, options: AgclOptions) -> None:
         super().__init__(options)
+        if not 0 <= options.decay <= 1:
+            raise ConfigError(f"method.options.decay: expected a number in [0, 1], got {options.decay}")
         self.store: ImportanceStore | None = None
         self.gate: Gate | None = None
 
@@ -90,7 +94,7 @@ class Agcl(Method):
         peft = ctx.cfg.model.peft
         if peft is not None and peft.adapter == "per_task_merge" and self.options.merged_gate == "rows":
             importance = self._output_rows(importance)
-        self.store.add_task(task.name, importance)
+        self.store.add_task(task.name, importance, self.options.combine, self.options.decay)
         share = sum(float(v.float().sum()) for v in importance.values())
         total = sum(v.numel() for v in importance.values())
         ctx.log.event("importance", task=task.name, samples=n, mean=share / max(1, total))
