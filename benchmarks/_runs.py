@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict] = {
     "loss": {"attribution": {"target": "loss"}},
     "gradxw": {"attribution": {"source": "grad_x_weight"}},
     "elements": {"merged_gate": "elements"},
+    "rows": {"merged_gate": "rows"},
     "mass50": {"attribution": {"normalize": "mass", "mass": 0.5}},
     "mass80": {"attribution": {"normalize": "mass", "mass": 0.8}},
     "global": {"attribution": {"select": "global"}},

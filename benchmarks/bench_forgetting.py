@@ -16,8 +16,8 @@ Settings:
         MLP projections of all 30 blocks, otherwise the cpu setting (lr 1e-3); seq, ewc, replay, agcl,
         agcl_replay, olora (per-task adapters) and osf (peft's OSF tuner instead of LoRA). About 6 minutes
         per LoRA run with avx512_bf16.
-  cpu-lora-merge  the same with model.peft.adapter per_task_merge: seq, agcl (rows of B held) and
-        agcl:elements (the element map of the merged adapter, the control).
+  cpu-lora-merge  the same with model.peft.adapter per_task_merge: seq, agcl:rows (rows of B held) and
+        agcl:elements (the element map kept, agcl's default there).
   gpu   full fine-tuning (all 30 blocks and embeddings), ZeRO-3, 1000/500 examples per task, 200 steps
         of 16 per task; for a GPU machine (`--nproc` GPUs).
   --quick  the cpu setting reduced to 2 tasks, 1 seed, seq/ewc/replay/agcl, 20 steps: under 10 minutes.
@@ -47,7 +47,7 @@ SETTINGS: dict[str, dict] = {
                  "methods": LORA_METHODS},
     # the adapter merged into the base after each task: what agcl's gate can still protect (merged_gate)
     "cpu-lora-merge": {"ds": "ds_configs/zero2.json", "overrides": ["model.peft.adapter=per_task_merge"],
-                       "config": "configs/cl_smollm2_lora.yaml", "methods": ["seq", "agcl", "agcl:elements"]},
+                       "config": "configs/cl_smollm2_lora.yaml", "methods": ["seq", "agcl:rows", "agcl:elements"]},
     "gpu": {"ds": "ds_configs/zero3.json",
             "overrides": ["model.train_top_layers=null", "training.steps_per_task=200",
                           "training.micro_batch_size=16", "training.lr=2.0e-5", "data.max_train=1000",

@@ -275,7 +275,8 @@ def _merged_agcl_body(tmp: str, base: str) -> dict:
     from agcl_ds.importance.store import consolidate
     from agcl_ds.loop import run
 
-    cfg = _cfg(tmp, ["method.name=agcl", "model.peft.adapter=per_task_merge", "training.steps_per_task=6",
+    cfg = _cfg(tmp, ["method.name=agcl", "model.peft.adapter=per_task_merge", "method.options.merged_gate=rows",
+                     "training.steps_per_task=6",
                      "method.options.attribution.only_correct=false", "checkpoint.keep=2"], base)
     run(cfg, resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2))
     folder = os.path.join(cfg.run_dir(), "checkpoints", "t001-s0000000")
