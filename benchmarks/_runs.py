@@ -3,10 +3,19 @@
 Each run is `deepspeed --num_gpus N launch/train.py --ds <ds> --config <yaml> seed=S method.name=M ...`
 (the same command a user types), written under <out>/seed<S>/<tag>/; a finished run's results.json is
 reused, so an interrupted benchmark continues where it stopped.
+
+Finished runs are also kept as records, one small JSON per run under benchmarks/records/<setting>/ and
+committed: the run folders live in runs/ and are lost with the machine, the records let a later session add
+seeds or variants to a table without re-running what is already measured. A record's name carries a hash
+of what decides the run's outcome: the resolved config (less the output folder; the data path relative to
+the checkout), the DeepSpeed JSON, the rank count and the precision this machine computes natively; so a changed setting
+misses the record and runs again. Code changes are not in the hash: each record names the commit it was
+measured at, and `--fresh` runs again and replaces the records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,9 +23,13 @@ import statistics
 import subprocess
 import sys
 
+from agcl_ds.config import load_config
+from agcl_ds.device import native_precision
 from agcl_ds.distributed import free_port
+from agcl_ds.fileio import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.path.join(ROOT, "benchmarks", "records")
 
 # "<method>:<variant>" names an ablation: the method with these agcl options (for agcl_replay, its agcl part)
 VARIANTS: dict[str, dict] = {
@@ -61,37 +74,72 @@ def variant_overrides(name: str, variant: str) -> list[str]:
     return [f"method.options={json.dumps(options)}"]
 
 
+def run_identity(config: str, ds: str, overrides: list[str], nproc: int) -> dict:
+    """What decides a run's outcome, as a record stores it (the output folder dropped, the data path relative)."""
+    view = load_config(os.path.join(ROOT, config), overrides).resume_view()
+    view["output"].pop("dir", None)
+    if view["data"]["path"]:  # the same data in any checkout
+        view["data"]["path"] = os.path.relpath(os.path.join(ROOT, view["data"]["path"]), ROOT)
+    with open(os.path.join(ROOT, ds)) as f:
+        ds_config = json.load(f)
+    identity = {"config": view, "ds": ds_config, "nproc": nproc, "native_precision": native_precision()[0]}
+    return json.loads(json.dumps(identity))  # as it reads back from a record (tuples become lists)
+
+
+def _commit() -> str:
+    """HEAD, with "+changes" when the work tree differs from it (the record was measured on uncommitted code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "agcl_ds", "launch") else "")
+
+
 def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out: str, nproc: int,
-            quiet: bool = True, drop_checkpoints: bool = False) -> dict:
+            quiet: bool = True, drop_checkpoints: bool = False, record: str | None = None,
+            reuse: bool = True) -> dict:
     """One launcher run (or its cached results). `drop_checkpoints`: remove the finished run's checkpoints,
-    which only a resume needs (a finished SmolLM2 cpu-setting run keeps 0.84 GB of them)."""
+    which only a resume needs (a finished SmolLM2 cpu-setting run keeps 0.84 GB of them). `record`: a records
+    folder (benchmarks/records/<setting>) to file the finished run in and, with `reuse`, to take a matching
+    record from instead of running."""
     name, _, variant = method.partition(":")
     if variant and variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r} in {method!r} (known: {', '.join(VARIANTS)})")
     run_out = os.path.join(out, f"seed{seed}", method.replace(":", "-"))
     path = os.path.join(run_out, name, "results.json")
+    overrides = [f"seed={seed}", f"method.name={name}", f"output.dir={run_out}", "logging.progress=false",
+                 *variant_overrides(name, variant), *METHOD_OVERRIDES.get(name, []), *extra]
+    record_path, identity = None, None
+    if record:
+        identity = run_identity(config, ds, overrides, nproc)
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        record_path = os.path.join(record, f"seed{seed}", f"{method.replace(':', '-')}-{digest}.json")
+        if reuse and os.path.isfile(record_path) and not os.path.isfile(path):
+            with open(record_path) as f:
+                return json.load(f)["results"]
     if not os.path.isfile(path):
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
         bindir = os.path.dirname(sys.executable)
         cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "launch/train.py", "--ds", ds, "--config", config, f"seed={seed}", f"method.name={name}",
-               f"output.dir={run_out}", "logging.progress=false", *variant_overrides(name, variant),
-               *METHOD_OVERRIDES.get(name, []), *extra]
+               "launch/train.py", "--ds", ds, "--config", config, *overrides]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL if quiet else None)
         if drop_checkpoints:
             shutil.rmtree(os.path.join(run_out, name, "checkpoints"), ignore_errors=True)
     with open(path) as f:
-        return json.load(f)
+        results = json.load(f)
+    if record_path:
+        write_json(record_path, {"commit": _commit(), "identity": identity, "results": results}, indent=1)
+    return results
 
 
 def run_grid(config: str, ds: str, seeds: list[int], methods: list[str], extra: list[str], out: str,
-             nproc: int) -> dict[str, list[dict]]:
+             nproc: int, record: str | None = None, reuse: bool = True) -> dict[str, list[dict]]:
     """Every (seed, method) run, seed by seed, each printed as it finishes; results (with "diag") per method."""
     rows: dict[str, list[dict]] = {}
     for seed in seeds:
         for method in methods:
-            res = run_one(config, ds, seed, method, extra, out, nproc, drop_checkpoints=True)
+            res = run_one(config, ds, seed, method, extra, out, nproc, drop_checkpoints=True, record=record,
+                          reuse=reuse)
             res["diag"] = diagonal(res)
             rows.setdefault(method, []).append(res)
             print(f"seed {seed} {method:<14} OP {res['OP']:.3f}  BWT {res['BWT']:+.3f}  FWT {res['FWT']:+.3f}  "

@@ -33,7 +33,7 @@ import os
 import statistics
 import sys
 
-from _runs import ROOT, paired_table, run_grid, table
+from _runs import RECORDS, ROOT, paired_table, run_grid, table
 
 from agcl_ds.fileio import write_atomic
 from agcl_ds.report import save_figure
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "CL_Benchmark"))
     ap.add_argument("--out", help="run folder (default runs/bench_forgetting/<setting>[-quick])")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true",
+                    help="run everything again, replacing the committed run records (benchmarks/records/<setting>)")
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
                     help="markdown file the table is written into ('' to skip)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -116,7 +118,8 @@ def main() -> None:
              *(QUICK if args.quick else []), *args.overrides]
     print(f"setting {tag}: {' '.join(extra)}", flush=True)
     config = setting.get("config", "configs/cl_smollm2.yaml")
-    rows = run_grid(config, setting["ds"], seeds, methods, extra, out, args.nproc)
+    rows = run_grid(config, setting["ds"], seeds, methods, extra, out, args.nproc, os.path.join(RECORDS, tag),
+                    reuse=not args.fresh)
     tasks = rows[methods[0]][0]["tasks"]
     table_md = table(rows, ["OP", "BWT", "FWT", "diag"])
     diffs = paired_table(rows, ["OP", "BWT"])
