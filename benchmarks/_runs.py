@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict] = {
     "mass80global": {"attribution": {"normalize": "mass", "mass": 0.8, "select": "global"}},
     "sum": {"combine": "sum"},
     "decay": {"combine": "decay", "decay": 0.5},
+    "halfanchor": {"alpha": 0.5, "anchor": 1.0},  # protected elements half free, pulled back to θ* (EWC's λ = 1)
+    "rankanchor": {"attribution": {"normalize": "rank"}, "anchor": 1.0},  # a graded gate with the anchor
 }
 
 

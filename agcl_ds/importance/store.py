@@ -56,6 +56,11 @@ class ImportanceStore:
         """R̄ as local shards (bf16 views into one flat buffer); all zeros before the first task."""
         return self._views(self._rbar)
 
+    @property
+    def rbar_flat(self) -> torch.Tensor:
+        """R̄ as this rank's one flat bf16 buffer, in the optimizer partition's flat layout."""
+        return self._rbar
+
     def task(self, name: str) -> dict[str, torch.Tensor]:
         """A kept task's importance shards."""
         if name not in self.tasks or not self.keep_tasks:

@@ -90,6 +90,32 @@ def discard_gradients(engine, layout: FlatLayout) -> None:
                 group[k] = None
 
 
+@torch.no_grad()
+def add_anchor_gradient(engine, layout: FlatLayout, omega: torch.Tensor, anchor: torch.Tensor, lam: float) -> None:
+    """Add λ·Ω⊙(θ−θ*), the gradient of (λ/2)·Σ Ω(θ−θ*)², to this rank's reduced gradient partition.
+
+    Ω and θ* are flat tensors in `layout` (Ω may be bf16, e.g. agcl's R̄); θ is read from the fp32 masters.
+    """
+    if lam == 0:
+        return
+    buf = None
+    for grad, offset in grad_segments(engine, layout):
+        for pos, theta in master_pieces(layout, offset, grad.numel()):
+            for a, k in chunks(theta.numel()):
+                if buf is None or buf.numel() < k:
+                    buf = torch.empty(k, dtype=torch.float32, device=theta.device)
+                at = offset + pos + a
+                d = torch.sub(theta.narrow(0, a, k), anchor.narrow(0, at, k), out=buf[:k])
+                d.mul_(omega.narrow(0, at, k)).mul_(lam)
+                grad.narrow(0, pos + a, k).add_(d)
+
+
+def copy_masters(layout: FlatLayout, out: torch.Tensor) -> None:
+    """θ* ← the current fp32 masters of this rank, in `layout`'s flat order."""
+    for master, start in zip(layout.masters, layout.master_offsets, strict=True):
+        out.narrow(0, start, master.numel()).copy_(master.detach().view(-1))
+
+
 def per_sample(logits: torch.Tensor, labels: torch.Tensor, fn) -> torch.Tensor:
     """Mean over each sample's answer positions of `fn(rows [n, V] fp32, targets [n]) -> [n]`; shape [B].
 
@@ -140,21 +166,9 @@ class AnchorMethod(Method):
                               "offload_optimizer moves to the CPU during backward; drop offload_optimizer")
         self.layout = flat_layout(ctx.engine)
 
-    @torch.no_grad()
     def before_step(self, ctx: RunContext) -> None:
-        """Add λ·Ω⊙(θ−θ*), the gradient of (λ/2)·Σ Ω(θ−θ*)², to this rank's reduced gradient partition."""
-        if self.omega is None or self.options.lam == 0:
-            return
-        buf = None
-        for grad, offset in grad_segments(ctx.engine, self.layout):
-            for pos, theta in master_pieces(self.layout, offset, grad.numel()):
-                for a, k in chunks(theta.numel()):
-                    if buf is None or buf.numel() < k:
-                        buf = torch.empty(k, dtype=torch.float32, device=theta.device)
-                    at = offset + pos + a
-                    d = torch.sub(theta.narrow(0, a, k), self.anchor.narrow(0, at, k), out=buf[:k])
-                    d.mul_(self.omega.narrow(0, at, k)).mul_(self.options.lam)
-                    grad.narrow(0, pos + a, k).add_(d)
+        if self.omega is not None:
+            add_anchor_gradient(ctx.engine, self.layout, self.omega, self.anchor, self.options.lam)
 
     def after_task(self, ctx: RunContext, index: int, task: Task) -> None:
         if index == len(ctx.tasks) - 1:
@@ -237,8 +251,7 @@ class AnchorMethod(Method):
             self.anchor = torch.empty_like(omega_t)
         else:
             self.omega.add_(omega_t)
-        for master, start in zip(self.layout.masters, self.layout.master_offsets, strict=True):
-            self.anchor.narrow(0, start, master.numel()).copy_(master.detach().view(-1))
+        copy_masters(self.layout, self.anchor)
         self.tasks.append(task)
 
     # ------------------------------------------------------------------ persistence

@@ -8,11 +8,19 @@ scaled by s = 1 − α·R̄ (agcl_ds.gate). The first task trains ungated (R̄ =
 Importance comes from the continual model right after task τ (default: no extra training), or, as
 in the paper, from a single-task model: the base model fine-tuned on τ alone with the same
 settings — one extra fine-tune per task, and a second engine alive while it runs.
+
+`anchor` (λ > 0) adds EWC's pull on top of the gate, with R̄ as the stiffness: the gradient of
+(λ/2)·Σ R̄⊙(θ−θ*)², θ* the model after the latest task (online, 4 more bytes per parameter split over
+the ranks). An element the gate holds completely (R̄ = 1 with alpha = 1, the binary maps) does not move
+anyway; the anchor acts where the gate leaves an important element partly free: alpha < 1 or a graded
+map (attribution.normalize rank/minmax), and on Adam moments carried across tasks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -20,9 +28,11 @@ import torch
 from agcl_ds.attribution import AttributionOptions, attribute
 from agcl_ds.config import ConfigError
 from agcl_ds.gate import Gate, attach_gate
+from agcl_ds.importance import flatstate
 from agcl_ds.importance.partition import flat_layout, gather_full, local_shards
 from agcl_ds.importance.store import ImportanceStore
 from agcl_ds.lrp.rules import SUPPORTED, check_supported
+from agcl_ds.methods._anchor import add_anchor_gradient, copy_masters
 from agcl_ds.methods.base import Method, RunContext
 from agcl_ds.models import ModelError, model_type
 
@@ -48,6 +58,11 @@ class AgclOptions:
     merged_gate: Literal["rows", "elements"] = "elements"
     combine: Literal["max", "sum", "decay"] = "max"  # how task maps fold into R̄ (importance.store.add_task)
     decay: float = 0.5  # combine: decay, R̄ ← max(decay·R̄, R_τ)
+    anchor: float = 0.0  # λ of the anchor (λ/2)·Σ R̄⊙(θ−θ*)² beside the gate (see the module docstring); 0: none
+
+
+ANCHOR_DIR = "agcl_anchor"
+ANCHOR_STATE = flatstate.Format("agcl_ds.agcl_anchor/1", "agcl anchor state")
 
 
 class Agcl(Method):
@@ -58,11 +73,17 @@ class Agcl(Method):
         super().__init__(options)
         if not 0 <= options.decay <= 1:
             raise ConfigError(f"method.options.decay: expected a number in [0, 1], got {options.decay}")
+        if not (math.isfinite(options.anchor) and options.anchor >= 0):
+            raise ConfigError(f"method.options.anchor: expected a finite number >= 0, got {options.anchor}")
         self.store: ImportanceStore | None = None
         self.gate: Gate | None = None
+        self.theta_star: torch.Tensor | None = None  # θ* of the anchor, flat fp32 (after the first task)
 
     def check(self, cfg: ExperimentConfig) -> None:
         """The LRP rules exist per architecture: an uncovered one would fail only after task 1."""
+        if self.options.anchor and cfg.training.precision == "fp16":
+            raise ConfigError("method.options.anchor: needs bf16 or fp32 (under fp16 the gradient partition the "
+                              "anchor adds to is loss-scaled)")
         kind = model_type(cfg.model)
         if kind is not None and kind not in SUPPORTED:
             raise ConfigError(f"method.name: agcl's LRP rules do not cover model_type {kind!r} of model.path "
@@ -76,10 +97,18 @@ class Agcl(Method):
         meta = {"rules": self.options.attribution.variant, "attribution": asdict(self.options.attribution),
                 "importance_from": self.options.importance_from}
         self.store = ImportanceStore.for_engine(ctx.engine, keep_tasks=self.options.keep_task_maps, meta=meta)
-        self.device = flat_layout(ctx.engine).device
+        self.layout = flat_layout(ctx.engine)
+        self.device = self.layout.device
+        if self.options.anchor and ctx.engine.zero_cpu_offload():
+            raise ConfigError("method.options.anchor: adds to the gradient partition, which offload_optimizer "
+                              "moves to the CPU during backward; drop offload_optimizer or the anchor")
         self.gate = attach_gate(ctx.engine, None, gate_on=self.options.gate_on, alpha=self.options.alpha,
                                 update_impl=self.options.update_impl)
         ctx.log.event("gate", mode=self.gate.mode, update_impl=self.gate.update_impl, alpha=self.options.alpha)
+
+    def before_step(self, ctx: RunContext) -> None:
+        if self.theta_star is not None:
+            add_anchor_gradient(ctx.engine, self.layout, self.store.rbar_flat, self.theta_star, self.options.anchor)
 
     def before_task(self, ctx: RunContext, index: int, task: Task) -> None:
         has_importance = index > 0 and bool(self.store.tasks)
@@ -97,6 +126,11 @@ class Agcl(Method):
         if peft is not None and peft.adapter == "per_task_merge" and self.options.merged_gate == "rows":
             importance = self._output_rows(importance)
         self.store.add_task(task.name, importance, self.options.combine, self.options.decay)
+        if self.options.anchor:
+            if self.theta_star is None:
+                self.theta_star = torch.empty(self.layout.numel, dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                copy_masters(self.layout, self.theta_star)
         share = sum(float(v.float().sum()) for v in importance.values())
         total = sum(v.numel() for v in importance.values())
         ctx.log.event("importance", task=task.name, samples=n, mean=share / max(1, total))
@@ -143,7 +177,17 @@ class Agcl(Method):
 
     def save(self, folder: str) -> None:
         self.store.save(folder)
+        if self.options.anchor:
+            tensors = {} if self.theta_star is None else {"theta_star": self.theta_star}
+            flatstate.save(Path(folder) / ANCHOR_DIR, ANCHOR_STATE, self.layout.specs, self.layout.stage, tensors, {})
 
     def load(self, folder: str) -> None:
         self.store = ImportanceStore.load(folder, self.store.specs, device=self.device,
                                           zero_stage=self.store.zero_stage)
+        if self.options.anchor:
+            if not (Path(folder) / ANCHOR_DIR).is_dir():
+                raise ValueError(f"{folder}: no {ANCHOR_DIR}/ (the checkpoint was written without "
+                                 "method.options.anchor)")
+            tensors, _ = flatstate.load(Path(folder) / ANCHOR_DIR, ANCHOR_STATE, self.layout.specs, self.layout.numel,
+                                        torch.float32, self.device)
+            self.theta_star = tensors.get("theta_star")

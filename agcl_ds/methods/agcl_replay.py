@@ -36,10 +36,13 @@ class AgclReplay(Method):
 
     def __init__(self, options: AgclReplayOptions) -> None:
         super().__init__(options)
-        self.agcl = Agcl(options.agcl)
+        try:  # each part names its keys from method.options
+            self.agcl = Agcl(options.agcl)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("method.options.", "method.options.agcl.", 1)) from None
         try:
             self.replay = Replay(options.replay)
-        except ValueError as e:  # replay names its keys from method.options
+        except ValueError as e:
             raise ConfigError(str(e).replace("method.options.", "method.options.replay.", 1)) from None
         self.parts: tuple[Method, ...] = (self.agcl, self.replay)
 
