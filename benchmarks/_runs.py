@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict] = {
     "mass80global": {"attribution": {"normalize": "mass", "mass": 0.8, "select": "global"}},
     "sum": {"combine": "sum"},
     "decay": {"combine": "decay", "decay": 0.5},
+    "all": {"attribution": {"only_correct": False}},  # importance from every sample, not only the correct ones
+    "carry": {},  # Adam moments carried across tasks (TRAINING_VARIANTS), the method as it is
     "halfanchor": {"alpha": 0.5, "anchor": 1.0},  # protected elements half free, pulled back to θ* (EWC's λ = 1)
     "rankanchor": {"attribution": {"normalize": "rank"}, "anchor": 1.0},  # a graded gate with the anchor
 }
@@ -66,6 +68,10 @@ VARIANTS: dict[str, dict] = {
 METHOD_OVERRIDES: dict[str, list[str]] = {"olora": ["model.peft.adapter=per_task"], "osf": ["model.peft.type=osf"]}
 
 
+# variants that change the training, not the method (any method may take them, e.g. seq:carry vs agcl:carry)
+TRAINING_VARIANTS: dict[str, list[str]] = {"carry": ["training.reset_optimizer=false"]}
+
+
 def variant_overrides(name: str, variant: str) -> list[str]:
     """The `method.options=` override of an ablation (JSON is YAML flow, so the config parser reads it)."""
     if not variant:
@@ -73,7 +79,7 @@ def variant_overrides(name: str, variant: str) -> list[str]:
     options = VARIANTS[variant]
     if name == "agcl_replay":
         options = {"agcl": options}
-    return [f"method.options={json.dumps(options)}"]
+    return ([f"method.options={json.dumps(options)}"] if options else []) + TRAINING_VARIANTS.get(variant, [])
 
 
 def run_identity(config: str, ds: str, overrides: list[str], nproc: int) -> dict:
@@ -118,6 +124,7 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
         if reuse and os.path.isfile(record_path) and not os.path.isfile(path):
             with open(record_path) as f:
                 return json.load(f)["results"]
+    commit = _commit()  # the code the run starts with
     if not os.path.isfile(path):
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -130,7 +137,7 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
     with open(path) as f:
         results = json.load(f)
     if record_path:
-        write_json(record_path, {"commit": _commit(), "identity": identity, "results": results}, indent=1)
+        write_json(record_path, {"commit": commit, "identity": identity, "results": results}, indent=1)
     return results
 
 

@@ -18,11 +18,14 @@ Settings:
         per LoRA run with avx512_bf16.
   cpu-lora-merge  the same with model.peft.adapter per_task_merge: seq, agcl:rows (rows of B held) and
         agcl:elements (the element map kept, agcl's default there).
+  cpu-200  the cpu setting with 200 test examples per task and 5 seeds, for the method work (issue 22):
+        seq, ewc, replay, hft, magmask, agcl, agcl_replay; cpu-200-rev the same in the reverse task order
+        yelp → agnews → SST-2 → dbpedia, the second order the defaults must carry over to.
   gpu   full fine-tuning (all 30 blocks and embeddings), ZeRO-3, 1000/500 examples per task, 200 steps
         of 16 per task; for a GPU machine (`--nproc` GPUs).
   --quick  the cpu setting reduced to 2 tasks, 1 seed, seq/ewc/replay/agcl, 20 steps: under 10 minutes.
 
-    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|cpu-lora|cpu-lora-merge|gpu] [--seeds 0 1 2]
+    python benchmarks/bench_forgetting.py [--quick] [--setting cpu|cpu-200|cpu-200-rev|cpu-lora|...] [--seeds 0 1 2]
                                           [--methods ...]
 """
 
@@ -40,6 +43,7 @@ from agcl_ds.report import save_figure
 
 METHODS = ["seq", "ewc", "mas", "freeze", "replay", "agcl", "agcl_replay"]
 ABLATIONS = ["agcl:gradxw", "agcl:random", "agcl:grad", "agcl:minmax", "agcl:single"]
+ANCHORS = ["seq", "ewc", "replay", "hft", "magmask", "agcl", "agcl_replay"]  # the baselines issue 22 asks for
 LORA_METHODS = ["seq", "ewc", "replay", "agcl", "agcl_replay", "olora", "osf"]
 SETTINGS: dict[str, dict] = {
     "cpu": {"ds": "ds_configs/zero2.json", "overrides": []},  # configs/cl_smollm2.yaml as written
@@ -48,6 +52,10 @@ SETTINGS: dict[str, dict] = {
     # the adapter merged into the base after each task: what agcl's gate can still protect (merged_gate)
     "cpu-lora-merge": {"ds": "ds_configs/zero2.json", "overrides": ["model.peft.adapter=per_task_merge"],
                        "config": "configs/cl_smollm2_lora.yaml", "methods": ["seq", "agcl:rows", "agcl:elements"]},
+    "cpu-200": {"ds": "ds_configs/zero2.json", "overrides": ["data.max_test=200"], "methods": ANCHORS,
+                "seeds": [0, 1, 2, 3, 4]},
+    "cpu-200-rev": {"ds": "ds_configs/zero2.json", "methods": ANCHORS, "seeds": [0, 1, 2, 3, 4],
+                    "overrides": ["data.max_test=200", "data.tasks=[yelp, agnews, SST-2, dbpedia]"]},
     "gpu": {"ds": "ds_configs/zero3.json",
             "overrides": ["model.train_top_layers=null", "training.steps_per_task=200",
                           "training.micro_batch_size=16", "training.lr=2.0e-5", "data.max_train=1000",
@@ -92,6 +100,15 @@ def plot(rows: dict[str, list[dict]], path: str) -> None:
     save_figure(fig, path)
 
 
+def cost_line(rows: dict[str, list[dict]]) -> str:
+    """Median wall time of a run and of its evaluations (every task's test set before and after each task)."""
+    runs = [r for rs in rows.values() for r in rs]
+    total = statistics.median(r["seconds"] for r in runs)
+    evals = [r["evaluation_seconds"] for r in runs if "evaluation_seconds" in r]  # older runs did not time it
+    share = f", of which evaluation {statistics.median(evals):.0f} s" if evals else ""
+    return f"Median run: {total:.0f} s{share} ({len(runs)} runs)."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -111,7 +128,7 @@ def main() -> None:
         raise SystemExit(f"bench_forgetting: --data {args.data!r}: CL_Benchmark folder not found")
     tag = args.setting + ("-quick" if args.quick else "")
     setting = SETTINGS[args.setting]
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    seeds = args.seeds or ([0] if args.quick else setting.get("seeds", [0, 1, 2]))
     methods = args.methods or (["seq", "ewc", "replay", "agcl"] if args.quick else setting.get("methods", METHODS))
     out = args.out or os.path.join(ROOT, "runs", "bench_forgetting", tag)
     extra = [f"data.path={os.path.abspath(args.data)}", *setting["overrides"],
@@ -125,6 +142,7 @@ def main() -> None:
     diffs = paired_table(rows, ["OP", "BWT"])
     if diffs:
         table_md += "\n\n" + diffs
+    table_md += "\n\n" + cost_line(rows)
     print("\n" + table_md)
     baselines = {m: statistics.fmean(r["BWT"] for r in rs) for m, rs in rows.items() if not m.startswith("agcl")}
     if args.results:

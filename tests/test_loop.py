@@ -83,6 +83,7 @@ def _check(out, tmp, stage, accumulation):
     assert res["BWT"] == pytest.approx(m[1][0] - m[0][0])
     assert res["FWT"] == pytest.approx(m[0][1] - b[1])
     assert res["config"]["training"]["gradient_accumulation"] == accumulation
+    assert 0 < res["evaluation_seconds"] < res["seconds"]  # 3 evaluations of both tasks, timed
     assert os.path.isfile(os.path.join(tmp, "probe", "matrix.png"))
     losses = []
     with open(os.path.join(tmp, "probe", "log.jsonl")) as f:

@@ -17,6 +17,7 @@ Scoring (`evaluation.mode`, `evaluation.decode`):
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.decode = decode
         self.generator = Generator(engine.module, tokenizer, batch_size)
+        self.seconds = 0.0  # wall time spent in evaluate_all (the evaluator's cost, e.g. of more test examples)
 
     @classmethod
     def for_run(cls, engine, tokenizer: Tokenizer, cfg: ExperimentConfig) -> Evaluator:
@@ -112,4 +114,7 @@ class Evaluator:
         return sum(metric(a, ex.answer, ex.prompt) for a, ex in zip(answers, mine, strict=True))
 
     def evaluate_all(self, tasks: list[Task]) -> list[float]:
-        return [self.evaluate(t) for t in tasks]
+        t0 = time.perf_counter()
+        scores = [self.evaluate(t) for t in tasks]
+        self.seconds += time.perf_counter() - t0
+        return scores
