@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "mass80global": {"attribution": {"normalize": "mass", "mass": 0.8, "select": "global"}},
     "sum": {"combine": "sum"},
     "decay": {"combine": "decay", "decay": 0.5},
+    "soft": {"attribution": {"temperature": 1.0}},  # the top-20% mask softened: σ((x − τ)/1) on the log scale
     "all": {"attribution": {"only_correct": False}},  # importance from every sample, not only the correct ones
     "carry": {},  # Adam moments carried across tasks (TRAINING_VARIANTS), the method as it is
     "halfanchor": {"alpha": 0.5, "anchor": 1.0},  # protected elements half free, pulled back to θ* (EWC's λ = 1)

@@ -158,6 +158,26 @@ def test_mass_mask_is_the_fewest_entries_holding_the_share(mass):
                        normalize(x, "topk", top_frac=0.1))
 
 
+@pytest.mark.parametrize("method", ["topk", "mass"])
+def test_soft_mask_is_a_sigmoid_around_the_same_threshold(method):
+    x = TopKMean(3001, 4)
+    x.update(LogScale()(heavy_tailed(8, 3001, seed=7)))
+    x = x.result()
+    hard = normalize(x, method, top_frac=0.1, mass=0.8)
+    tau = x[hard.bool()].min().double()  # the step's threshold: its smallest held value
+    soft = normalize(x, method, top_frac=0.1, mass=0.8, temperature=0.5)
+    want = torch.sigmoid((x.double() - tau) / 0.5) * (x > x.min())
+    if method == "mass":  # its threshold lies between two values of x: the step is at the held one or below
+        assert bool((soft[hard.bool()] >= 0.5 - 1e-6).all()) and bool((soft[~hard.bool()] <= 0.5 + 1e-6).all())
+    else:
+        torch.testing.assert_close(soft.double(), want, rtol=1e-6, atol=1e-7)
+    assert bool((soft[x == x.min()] == 0).all())  # the minimum stays unprotected
+    cold = normalize(x, method, top_frac=0.1, mass=0.8, temperature=1e-9)  # the step again (no tie at τ here)
+    assert bool(((cold - hard).abs() <= 0.5).all()) and (cold.round() == hard).float().mean() > 0.999
+    with pytest.raises(ValueError, match="temperature"):
+        normalize(x, "rank", temperature=1.0)
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalize(torch.ones(3), "max")

@@ -55,6 +55,10 @@ EXAMPLES = [Example(f"{i}*{i % 7}+{i}=", str(i * (i % 7) + i)) for i in range(12
     ("agcl_replay", {"agcl": {"gate_on": "x"}}, "method.options.agcl.gate_on"),
     ("agcl_replay", {"gate": {}}, "method.options.gate"),
     ("agcl", {"anchor": -1}, "method.options.anchor"),
+    ("agcl", {"attribution": {"mass": 0}}, "attribution.mass"),
+    ("agcl", {"attribution": {"top_frac": 1.5}}, "attribution.top_frac"),
+    ("agcl", {"attribution": {"temperature": -1}}, "attribution.temperature"),
+    ("agcl", {"attribution": {"normalize": "rank", "temperature": 1}}, "attribution.temperature"),
     ("agcl_replay", {"agcl": {"anchor": float("nan")}}, "method.options.agcl.anchor"),
 ])
 def test_bad_options_name_their_key(name, options, key):

@@ -22,7 +22,6 @@ from agcl_ds.attribution.options import AttributionOptions
 from agcl_ds.attribution.router import Router, world_reduce
 from agcl_ds.data.collate import Tokenizer, collate
 from agcl_ds.data.types import Example
-from agcl_ds.importance.aggregate import normalize_many
 from agcl_ds.importance.partition import ShardSpec, local_shards
 from agcl_ds.lrp.relevance import PerSampleRelevance
 from agcl_ds.lrp.rules import lrp_rules
@@ -36,8 +35,7 @@ def _random_importance(specs: dict[str, ShardSpec], opts: AttributionOptions, se
     reduce = world_reduce()
     names = sorted(specs)
     scores = [torch.rand(specs[n].numel, generator=gen).to(D.device()) for n in names]
-    return dict(zip(names, normalize_many(scores, opts.normalize, opts.top_frac, reduce=reduce,
-                                                   mass=opts.mass, select=opts.select), strict=True))
+    return dict(zip(names, opts.normalise(scores, reduce), strict=True))
 
 
 def pick_samples(examples: list[Example], n: int, seed: int) -> list[Example]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from agcl_ds.config import ConfigError
+from agcl_ds.importance.aggregate import Reduce, normalize_many
 
 
 @dataclass
@@ -24,6 +28,7 @@ class AttributionOptions:
     top_frac: float = 0.2  # for normalize: topk (binary mask of the top fraction per tensor)
     mass: float = 0.8  # for normalize: mass (binary mask of the fewest elements holding this share of relevance)
     select: Literal["tensor", "global"] = "tensor"  # normalise each tensor on its own, or the model as one
+    temperature: float = 0.0  # topk/mass: 0 a binary mask, T > 0 the soft mask σ((x − τ)/T) on the log scale
     n_samples: int = 64  # training examples explained per task (over all ranks)
     micro_batch_size: int = 8  # per rank
     block_elems: int = 1 << 23  # relevance values per kept sample in one hook block (memory: B × this × 4 bytes)
@@ -36,4 +41,14 @@ class AttributionOptions:
             value = getattr(self, key)
             if not 0 < value <= 1:
                 raise ConfigError(f"attribution.{key}: expected a number in (0, 1], got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"attribution.temperature: expected a finite number >= 0, got {self.temperature}")
+        if self.temperature and self.normalize not in ("topk", "mass"):
+            raise ConfigError(f"attribution.temperature: softens the topk or mass mask; normalize is "
+                              f"{self.normalize!r}")
+
+    def normalise(self, scores: list[torch.Tensor], reduce: Reduce) -> list[torch.Tensor]:
+        """Aggregated scores (flat local shards, log scale) to importance in [0, 1] as these options say."""
+        return normalize_many(scores, self.normalize, self.top_frac, reduce=reduce, mass=self.mass,
+                              select=self.select, temperature=self.temperature)
 

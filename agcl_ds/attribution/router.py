@@ -47,7 +47,6 @@ from agcl_ds.importance.aggregate import (
     dist_reduce,
     insert_sorted,
     local_reduce,
-    normalize_many,
 )
 from agcl_ds.importance.partition import ShardSpec
 
@@ -373,6 +372,4 @@ class Router:
             agg.seen = total
             raws.append(agg.result(self.scale[name].apply_, consume=True) if self.opts.aggregate == "topk"
                         else agg.result())
-        return dict(zip(names, normalize_many(raws, self.opts.normalize, self.opts.top_frac, reduce=self.reduce,
-                                                  mass=self.opts.mass, select=self.opts.select),
-                        strict=True))
+        return dict(zip(names, self.opts.normalise(raws, self.reduce), strict=True))

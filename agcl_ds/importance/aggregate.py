@@ -379,14 +379,22 @@ def kth_largest_many(xs: list[torch.Tensor], ks: list[int], reduce: Reduce = loc
 
 
 def normalize(x: torch.Tensor, method: Method, top_frac: float = 0.2, bins: int = 1 << 16,
-              reduce: Reduce = local_reduce, mass: float = 0.8) -> torch.Tensor:
+              reduce: Reduce = local_reduce, mass: float = 0.8, temperature: float = 0.0) -> torch.Tensor:
     """Per-tensor importance in [0, 1] from a flat local shard of an aggregate (`normalize_many` of one)."""
-    return normalize_many([x], method, top_frac, bins, reduce, mass)[0]
+    return normalize_many([x], method, top_frac, bins, reduce, mass, temperature=temperature)[0]
+
+
+def _mask(x: torch.Tensor, tau: float | torch.Tensor, lo: float, temperature: float) -> torch.Tensor:
+    """1 where x ≥ tau (temperature 0) or σ((x − tau)/temperature), 0 at the tensor's minimum lo."""
+    keep = x > lo
+    if temperature == 0:
+        return ((x >= tau) & keep).to(x.dtype)  # tau and lo are values of x: exact in its dtype
+    return (torch.sigmoid((x.double() - tau) / temperature) * keep).to(x.dtype)
 
 
 def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2, bins: int = 1 << 16,
                    reduce: Reduce = local_reduce, mass: float = 0.8,
-                   select: Literal["tensor", "global"] = "tensor") -> list[torch.Tensor]:
+                   select: Literal["tensor", "global"] = "tensor", temperature: float = 0.0) -> list[torch.Tensor]:
     """Per-tensor importance in [0, 1] for each flat local shard, every tensor normalised on its own.
 
     minmax: (x − min)/(max − min); rank: `quantile_rank`; topk: 1 for the top `top_frac` of the tensor
@@ -397,16 +405,21 @@ def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2
     log-scaled aggregate (so the mask's size follows how concentrated the relevance is instead of being
     fixed), the minimum again never marked. minmax, topk and mass share their collectives over the list.
     select "global": one normalisation over all the tensors together (one threshold for the whole model)
-    instead of one per tensor.
+    instead of one per tensor. temperature T > 0 (topk and mass): the soft mask σ((x − τ)/T) around the
+    same threshold τ instead of the step, T in the log scale's units (T = 1: an element e times above τ
+    is held 0.73, e times below 0.27).
     """
     for x in xs:
         if x.ndim != 1:
             raise ValueError(f"normalize works on a flat 1-D shard, got shape {tuple(x.shape)}")
     if select == "global" and len(xs) > 1:
-        flat = normalize_many([torch.cat(xs)], method, top_frac, bins, reduce, mass)[0]
+        flat = normalize_many([torch.cat(xs)], method, top_frac, bins, reduce, mass, temperature=temperature)[0]
         return list(flat.split([x.numel() for x in xs]))
     if select not in ("tensor", "global"):
         raise ValueError(f"select must be 'tensor' or 'global', got {select!r}")
+    if not (math.isfinite(temperature) and temperature >= 0) or (temperature and method not in ("topk", "mass")):
+        raise ValueError(f"temperature must be a finite number >= 0, and 0 unless normalize is topk or mass; "
+                         f"got {temperature} with {method!r}")
     if method == "rank":
         return [quantile_rank(x, bins, reduce) for x in xs]
     if method not in ("minmax", "topk", "mass"):
@@ -415,11 +428,15 @@ def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2
         raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
     if method == "mass" and not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
+
     lo, hi, n = _global_ranges(xs, reduce)
     if method == "mass":
         taus = mass_thresholds([torch.expm1(x.double()) for x in xs], mass, reduce,
                                [math.expm1(v) for v in lo], [math.expm1(v) for v in hi])
-        return [((torch.expm1(x.double()) >= t) & (x > a)).to(x.dtype) for x, t, a in zip(xs, taus, lo, strict=True)]
+        if temperature == 0:  # compared on the linear scale, where the threshold was found
+            return [((torch.expm1(x.double()) >= t) & (x > a)).to(x.dtype)
+                    for x, t, a in zip(xs, taus, lo, strict=True)]
+        return [_mask(x, math.log1p(t), a, temperature) for x, t, a in zip(xs, taus, lo, strict=True)]
     if method == "minmax":
         return [_scale_minmax(x, a, b) for x, a, b in zip(xs, lo, hi, strict=True)]
     ranked = [i for i in range(len(xs)) if n[i] > 0]
@@ -427,5 +444,5 @@ def normalize_many(xs: list[torch.Tensor], method: Method, top_frac: float = 0.2
                             ranges=tuple([v[i] for i in ranked] for v in (lo, hi, n)))
     out = [torch.zeros_like(x) for x in xs]
     for i, tau in zip(ranked, taus, strict=True):
-        out[i] = ((xs[i] >= tau) & (xs[i] > lo[i])).to(xs[i].dtype)  # tau and lo are values of x: exact in its dtype
+        out[i] = _mask(xs[i], tau, lo[i], temperature)
     return out
