@@ -49,7 +49,7 @@ SETTINGS: dict[str, dict] = {
     "cpu": {"ds": "ds_configs/zero2.json", "overrides": []},  # configs/cl_smollm2.yaml as written
     "cpu-lora": {"ds": "ds_configs/zero2.json", "overrides": [], "config": "configs/cl_smollm2_lora.yaml",
                  "methods": LORA_METHODS},
-    # the adapter merged into the base after each task: what agcl's gate can still protect (merged_gate)
+    # the adapter merged into the base after each task: what agcl's gate can still protect (lora_gate)
     "cpu-lora-merge": {"ds": "ds_configs/zero2.json", "overrides": ["model.peft.adapter=per_task_merge"],
                        "config": "configs/cl_smollm2_lora.yaml", "methods": ["seq", "agcl:rows", "agcl:elements"]},
     "cpu-200": {"ds": "ds_configs/zero2.json", "overrides": ["data.max_test=200"], "methods": ANCHORS,

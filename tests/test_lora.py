@@ -4,6 +4,7 @@ same adapter as ZeRO-0, every method runs on adapters, and the export loads with
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -270,12 +271,13 @@ def test_per_task_merge_moves_the_adapter_into_the_base_and_restarts_it(base, ds
     torch.testing.assert_close(*out["logits"], rtol=1e-4, atol=1e-4)  # the model computes the same function
 
 
-def _merged_agcl_body(tmp: str, base: str) -> dict:
+def _structured_agcl_body(tmp: str, base: str, gate: str) -> dict:
     from agcl_ds.distributed import is_main
     from agcl_ds.importance.store import consolidate
     from agcl_ds.loop import run
 
-    cfg = _cfg(tmp, ["method.name=agcl", "model.peft.adapter=per_task_merge", "method.options.merged_gate=rows",
+    adapter = "per_task_merge" if gate == "rows" else "shared"
+    cfg = _cfg(tmp, ["method.name=agcl", f"model.peft.adapter={adapter}", f"method.options.lora_gate={gate}",
                      "training.steps_per_task=6",
                      "method.options.attribution.only_correct=false", "checkpoint.keep=2"], base)
     run(cfg, resolve_ds_config(load_ds_config("ds_configs/zero3.json"), cfg, 2))
@@ -285,13 +287,41 @@ def _merged_agcl_body(tmp: str, base: str) -> dict:
 
 @pytest.mark.slow
 def test_agcl_with_merged_adapters_holds_output_rows(base):
-    rbar = run_ranks(_merged_agcl_body, base)[0]
+    rbar = run_ranks(_structured_agcl_body, base, "rows")[0]
     b_maps = {n: t for n, t in rbar.items() if ".lora_B." in n}
     assert b_maps and all(not t.any() for n, t in rbar.items() if ".lora_A." in n)
     for name, t in b_maps.items():
         rows = t.float()
         assert torch.equal(rows, rows[:, :1].expand_as(rows)), name  # whole rows of B, nothing else
         assert int(rows[:, 0].sum()) == max(1, round(0.2 * rows.shape[0])), name  # top 20% of the rows
+
+
+@pytest.mark.slow
+def test_agcl_components_hold_whole_rank_components(base):
+    """lora_gate components: row i of lora_A and column i of lora_B held together, ceil(20% of r) of them."""
+    rbar = run_ranks(_structured_agcl_body, base, "components")[0]
+    pairs = [(n, n.replace(".lora_B.", ".lora_A.")) for n in rbar if ".lora_B." in n]
+    assert pairs
+    for b_name, a_name in pairs:
+        b, a = rbar[b_name].float(), rbar[a_name].float()  # [out, r], [r, in]
+        held = b[0].bool()
+        assert torch.equal(b, held.float().expand_as(b)), b_name  # whole columns of B
+        assert torch.equal(a, held.float()[:, None].expand_as(a)), a_name  # the same rows of A
+        assert int(held.sum()) == math.ceil(0.2 * held.numel()), b_name
+
+
+def test_lora_gate_needs_the_matching_adapter(tmp_path):
+    from agcl_ds.config import MethodConfig
+    from agcl_ds.methods import build_method
+
+    for gate, extra, want in [("components", ["model.peft.adapter=per_task_merge"], "adapter shared, got lora/per_"),
+                              ("rows", [], "adapter per_task_merge, got lora/shared")]:
+        cfg = _cfg(str(tmp_path), ["method.name=agcl", f"method.options.lora_gate={gate}", *extra])
+        with pytest.raises(ConfigError, match=f"method.options.lora_gate: {gate} needs .*{want}"):
+            build_method(cfg.method).check(cfg)
+    plain = load_config("configs/demo_synthetic.yaml", TINY + ["model.pretrain=null", "method.name=agcl"])
+    with pytest.raises(ConfigError, match="got no model.peft"):
+        build_method(MethodConfig("agcl", {"lora_gate": "components"})).check(plain)
 
 
 def _gate_body(tmp: str, stage: int, optimizer: str, base: str) -> dict:

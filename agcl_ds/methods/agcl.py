@@ -49,13 +49,15 @@ class AgclOptions:
     importance_from: Literal["continual", "single_task"] = "continual"
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
     keep_task_maps: bool = False  # also keep each task's map in the store (+2 bytes/param per task), for `agcl overlap`
-    # model.peft.adapter per_task_merge: the adapter is merged and restarted after each task, so a map of its
-    # elements no longer points at what the task used. rows: hold the rows of B (the output units of the merged
-    # weights) in the top attribution.top_frac by the task's mean importance; B starts at 0, so those rows of W
-    # stay as merged. elements: keep the element map (in effect a fixed 20% of the new adapter's elements
-    # frozen). Measured (benchmarks/RESULTS.md, cpu-lora-merge, 1 seed): BWT rows -0.160, elements -0.127,
-    # seq -0.153, within the benchmark's resolution of each other; elements is the default as the better one
-    merged_gate: Literal["rows", "elements"] = "elements"
+    # how the map is laid on LoRA adapters (model.peft; README "LoRA adapters"). elements: the element map as
+    # for full fine-tuning. components (adapter shared): whole rank components held, row i of lora_A with
+    # column i of lora_B, the top ceil(top_frac·r) of each module by mean importance; a held component's term
+    # B[:, i]·A[i, :] of the update stays exactly as it was, where 20% of A's and B's elements leave the product
+    # B·A free to change. rows (adapter per_task_merge, merged and restarted after each task): the rows of B
+    # (the output units of the merged weights) in the top top_frac by the task's mean importance; B starts at
+    # 0, so those rows of W stay as merged. Measured on per_task_merge (benchmarks/RESULTS.md, cpu-lora-merge,
+    # 1 seed): BWT rows -0.160, elements -0.127, seq -0.153, within the benchmark's resolution of each other
+    lora_gate: Literal["elements", "components", "rows"] = "elements"
     combine: Literal["max", "sum", "decay"] = "max"  # how task maps fold into R̄ (importance.store.add_task)
     decay: float = 0.5  # combine: decay, R̄ ← max(decay·R̄, R_τ)
     anchor: float = 0.0  # λ of the anchor (λ/2)·Σ R̄⊙(θ−θ*)² beside the gate (see the module docstring); 0: none
@@ -81,6 +83,11 @@ class Agcl(Method):
 
     def check(self, cfg: ExperimentConfig) -> None:
         """The LRP rules exist per architecture: an uncovered one would fail only after task 1."""
+        gate, peft = self.options.lora_gate, cfg.model.peft
+        need = {"components": ("shared",), "rows": ("per_task_merge",)}.get(gate)
+        if need and (peft is None or peft.type != "lora" or peft.adapter not in need):
+            raise ConfigError(f"method.options.lora_gate: {gate} needs model.peft type lora with adapter "
+                              f"{need[0]}, got {'no model.peft' if peft is None else f'{peft.type}/{peft.adapter}'}")
         if self.options.anchor and cfg.training.precision == "fp16":
             raise ConfigError("method.options.anchor: needs bf16 or fp32 (under fp16 the gradient partition the "
                               "anchor adds to is loss-scaled)")
@@ -122,9 +129,8 @@ class Agcl(Method):
             importance, n = self._attribute(ctx, ctx.engine, task)
         else:
             importance, n = self._single_task_importance(ctx, index, task)
-        peft = ctx.cfg.model.peft
-        if peft is not None and peft.adapter == "per_task_merge" and self.options.merged_gate == "rows":
-            importance = self._output_rows(importance)
+        if self.options.lora_gate != "elements":
+            importance = self._structured(importance)
         self.store.add_task(task.name, importance, self.options.combine, self.options.decay)
         if self.options.anchor:
             if self.theta_star is None:
@@ -139,21 +145,30 @@ class Agcl(Method):
         if n == 0:
             ctx.log.print(f"warning: no sample of {task.name} was answered correctly; its importance is zero")
 
-    def _output_rows(self, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows design for merged adapters (collective): 1 on the top `top_frac` rows of each lora_B by
-        mean importance, 0 elsewhere and on every lora_A (a fresh A may move freely: with B's row held at 0,
-        the merged weight's row cannot change)."""
+    def _structured(self, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The `lora_gate` rows or components design (collective): a binary map of whole rows of each lora_B,
+        or of whole rank components (row of lora_A, column of lora_B), chosen by mean importance; the
+        adapter's other elements 0, tensors outside the adapters keep their element map."""
         specs = self.store.specs
         full = gather_full({n: t.float() for n, t in importance.items()}, specs)
-        out = {}
-        for name, spec in specs.items():
-            mask = torch.zeros(spec.full_shape, device=full[name].device)
-            if ".lora_B." in name:
-                score = full[name].view(spec.full_shape).mean(1)
-                k = max(1, round(self.options.attribution.top_frac * score.numel()))
-                mask[score.topk(k).indices] = 1.0
-            out[name] = mask.view(-1).narrow(0, spec.start, spec.numel).to(importance[name])
-        return out
+        frac, components = self.options.attribution.top_frac, self.options.lora_gate == "components"
+        maps = {n: full[n].view(s.full_shape) for n, s in specs.items()}
+        for name in specs:
+            if ".lora_B." not in name:
+                continue
+            a_name, b = name.replace(".lora_B.", ".lora_A."), maps[name]  # b: [out, r]
+            if a_name in maps:
+                a, maps[a_name] = maps[a_name], torch.zeros_like(maps[a_name])  # a: [r, in]
+            maps[name] = torch.zeros_like(b)
+            if components:
+                score = b.mean(0) + a.mean(1)
+                top = score.topk(max(1, math.ceil(frac * score.numel()))).indices
+                maps[name][:, top] = 1.0
+                maps[a_name][top] = 1.0
+            else:
+                score = b.mean(1)
+                maps[name][score.topk(max(1, round(frac * score.numel()))).indices] = 1.0
+        return {n: maps[n].reshape(-1).narrow(0, s.start, s.numel).to(importance[n]) for n, s in specs.items()}
 
     def _attribute(self, ctx: RunContext, engine, task: Task):
         return attribute(engine, ctx.tokenizer, task.train, self.options.attribution, ctx.cfg.data.max_seq_len,
