@@ -250,7 +250,7 @@ def _run(cfg: ExperimentConfig, ds_config: dict[str, Any], resume: str, stop: St
     results = {"tasks": names, "metrics": [t.metric for t in tasks], "matrix": matrix, "base": base,
                **summary(matrix, base, cfg.evaluation.bwt_over), "bwt_over": cfg.evaluation.bwt_over,
                "method": cfg.method.name, "config": cfg.to_dict(), "world_size": D.world_size(),
-               "seconds": round(time.time() - started, 1), "evaluation_seconds": round(evaluator.seconds, 1)}
+               "seconds": round(time.time() - started, 3), "evaluation_seconds": round(evaluator.seconds, 3)}
     tokens, seconds = D.all_sum([evaluator.generator.tokens, evaluator.generator.seconds])  # ranks in lock-step
     if tokens:  # decoding throughput over all ranks, when anything was generated
         results["generation"] = {"tokens": int(tokens), "seconds": round(seconds / D.world_size(), 2),
