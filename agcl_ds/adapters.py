@@ -233,6 +233,8 @@ def osf_resculpt(module: torch.nn.Module, first: float, task: int, n_tasks: int)
         c = S.numel() - k  # the trainable slots used now (of u.shape[1], the first task's)
         new_u, new_s, new_v = u.new_zeros(u.shape), s.new_zeros(s.shape), v.new_zeros(v.shape)
         new_u[:, :c], new_s[:c], new_v[:c] = U[:, k:], S[k:], Vt[k:]
+        dtype = layer._osf_U_low_init["default"].dtype  # masters and frozen copies hold the same rounded values
+        new_u, new_s, new_v = (x.to(dtype).float() for x in (new_u, new_s, new_v))
         for key, value in (("U_low", new_u), ("S_low", new_s), ("V_low", new_v)):
             _assign(params[key], value)
         for store, value in ((layer._osf_U_low_init, new_u), (layer._osf_S_low_init, new_s),
@@ -248,6 +250,24 @@ def osf_resculpt(module: torch.nn.Module, first: float, task: int, n_tasks: int)
 
 OSF_STATE = "osf/factors.safetensors"  # in a checkpoint folder: the frozen factors of the last re-sculpting
 _OSF_BUFFERS = ("_osf_U_low_init", "_osf_S_low_init", "_osf_V_low_init", "_osf_U_high", "_osf_V_high")
+
+
+def osf_compute_dtype(module: torch.nn.Module) -> None:
+    """Collective: put the frozen OSF factors in the dtype the engine computes in (that of the trainable
+    factors) and start the trainable factors' fp32 masters at exactly those rounded values. DeepSpeed's
+    bf16/fp16 casts parameters, not these buffers, and peft's gradient projection then multiplies a bf16
+    gradient by an fp32 factor and fails. With masters equal to the rounded frozen copies, the learned
+    change that re-sculpting folds into the weight starts at exactly 0 instead of at a rounding error.
+    The projection is as exact as the rest of the half-precision backward (about 3 significant digits)."""
+    for _, layer in osf_layers(module):
+        params = layer.osf_svd_params["default"]
+        dtype = params["U_low"].dtype
+        for b in _OSF_BUFFERS:
+            store = getattr(layer, b)
+            if "default" in store:
+                store["default"] = store["default"].to(dtype)
+        for key in ("U_low", "S_low", "V_low"):
+            _assign(params[key], getattr(layer, f"_osf_{key}_init")["default"].float())
 
 
 def osf_factors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -107,14 +107,15 @@ def test_unknown_target_module_is_one_line(tmp_path):
         load_model(cfg, {"zero_optimization": {"stage": 0}})
 
 
-def _loop_body(tmp: str, method: str, base: str, ds_name: str = "zero3") -> dict:
+def _loop_body(tmp: str, method: str, base: str, ds_name: str = "zero3", precision: str = "fp32") -> dict:
     from agcl_ds.loop import run
 
     # the random tiny base answers nothing correctly: explain every sample
     prefix = {"agcl": "method.options.", "agcl_replay": "method.options.agcl."}.get(method)
     extra = [f"{prefix}attribution.only_correct=false"] if prefix else []
     extra += ["model.peft.type=osf"] if method == "osf" else []
-    cfg = _cfg(tmp, [f"method.name={method}", "training.steps_per_task=6", "checkpoint.keep=1", *extra], base)
+    cfg = _cfg(tmp, [f"method.name={method}", "training.steps_per_task=6", "checkpoint.keep=1",
+                     f"training.precision={precision}", *extra], base)
     ds = resolve_ds_config(load_ds_config(f"ds_configs/{ds_name}.json"), cfg, 2)
     results = run(cfg, ds)
     with open(os.path.join(cfg.run_dir(), "log.jsonl")) as f:
@@ -123,10 +124,13 @@ def _loop_body(tmp: str, method: str, base: str, ds_name: str = "zero3") -> dict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, ds_name", [("seq", "zero3"), ("replay", "zero3"), ("ewc", "zero3"),
-                                             ("agcl", "zero3"), ("agcl_replay", "zero3"), ("osf", "zero2")])
-def test_methods_run_on_adapters(tmp_path, base, method, ds_name):
-    out = run_ranks(_loop_body, method, base, ds_name, tmp=str(tmp_path))[0]
+@pytest.mark.parametrize("method, ds_name, precision", [
+    ("seq", "zero3", "fp32"), ("replay", "zero3", "fp32"), ("ewc", "zero3", "fp32"), ("agcl", "zero3", "fp32"),
+    ("agcl_replay", "zero3", "fp32"), ("osf", "zero2", "fp32"),
+    ("osf", "zero2", "bf16"),  # peft's projection hook meets bf16 gradients
+])
+def test_methods_run_on_adapters(tmp_path, base, method, ds_name, precision):
+    out = run_ranks(_loop_body, method, base, ds_name, precision, tmp=str(tmp_path))[0]
     res = out["results"]
     assert len(res["matrix"]) == 2 and all(0 <= v <= 1 for row in res["matrix"] for v in row)
     assert res["config"]["model"]["peft"]["r"] == 4

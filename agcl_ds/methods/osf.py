@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from agcl_ds.adapters import OSF_STATE, load_osf_factors, osf_factors, osf_resculpt
+from agcl_ds.adapters import OSF_STATE, load_osf_factors, osf_compute_dtype, osf_factors, osf_resculpt
 from agcl_ds.config import ConfigError
 from agcl_ds.distributed import is_main
 from agcl_ds.methods.base import Method, RunContext
@@ -38,6 +38,7 @@ class Osf(Method):
 
     def setup(self, ctx: RunContext) -> None:
         self.module = ctx.engine.module
+        osf_compute_dtype(self.module)
 
     def save(self, folder: str) -> None:
         """The frozen factors (replicated on every rank: rank 0 writes them); peft keeps them out of the
