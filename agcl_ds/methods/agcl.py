@@ -156,9 +156,8 @@ class Agcl(Method):
         for name in specs:
             if ".lora_B." not in name:
                 continue
-            a_name, b = name.replace(".lora_B.", ".lora_A."), maps[name]  # b: [out, r]
-            if a_name in maps:
-                a, maps[a_name] = maps[a_name], torch.zeros_like(maps[a_name])  # a: [r, in]
+            a_name, b = name.replace(".lora_B.", ".lora_A."), maps[name]  # b: [out, r]; peft pairs every B with an A
+            a, maps[a_name] = maps[a_name], torch.zeros_like(maps[a_name])  # a: [r, in]
             maps[name] = torch.zeros_like(b)
             if components:
                 score = b.mean(0) + a.mean(1)
