@@ -126,8 +126,8 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
         if reuse and os.path.isfile(record_path) and not os.path.isfile(path):
             with open(record_path) as f:
                 return json.load(f)["results"]
-    commit = _commit()  # the code the run starts with
-    if not os.path.isfile(path):
+    commit, ran = _commit(), not os.path.isfile(path)  # the code the run starts with
+    if ran:
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         env.setdefault("DS_ACCELERATOR", "cpu")
         bindir = os.path.dirname(sys.executable)
@@ -138,7 +138,7 @@ def run_one(config: str, ds: str, seed: int, method: str, extra: list[str], out:
             shutil.rmtree(os.path.join(run_out, name, "checkpoints"), ignore_errors=True)
     with open(path) as f:
         results = json.load(f)
-    if record_path:
+    if record_path and (ran or not os.path.isfile(record_path)):  # a record keeps the commit it was measured at
         write_json(record_path, {"commit": commit, "identity": identity, "results": results}, indent=1)
     return results
 

@@ -26,7 +26,7 @@ def test_paired_table_compares_with_the_best_other_method_per_metric():
 
 def test_run_records_are_reused_only_for_the_same_run(tmp_path, monkeypatch):
     """A finished run is filed as a record; the same run later (its run folder gone) reads the record,
-    a changed setting runs again."""
+    which keeps the commit it was measured at; a changed setting runs again."""
     import json
 
     import _runs
@@ -50,6 +50,9 @@ def test_run_records_are_reused_only_for_the_same_run(tmp_path, monkeypatch):
     assert first == again == {"OP": 0.5, "BWT": 0.0} and len(launched) == 1
     (kept,) = (tmp_path / "records" / "seed0").iterdir()
     assert json.loads(kept.read_text())["commit"]
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "commit": "measured-earlier"}))
+    _runs.run_one(*args, [], str(tmp_path / "a"), 2, record=records)  # its run folder still there: read, not run
+    assert json.loads(kept.read_text())["commit"] == "measured-earlier" and len(launched) == 1
     changed = _runs.run_one(*args, ["training.lr=0.5"], str(tmp_path / "c"), 2, record=records)
     assert changed["OP"] == 1.5 and len(launched) == 2
     fresh = _runs.run_one(*args, [], str(tmp_path / "d"), 2, record=records, reuse=False)
